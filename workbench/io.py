@@ -1,0 +1,61 @@
+"""Atomic file writes: write beside the target, then rename, so an interrupted write loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.errors import WorkbenchError
+
+
+def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if `path` cannot be written (missing folder, exists, read-only)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WorkbenchError(f"{path} already exists; choose another path or pass overwrite")
+    if path.is_dir():
+        raise WorkbenchError(f"{path} is a folder; give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise WorkbenchError(f"folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise WorkbenchError(f"folder {parent} is not writable; choose another output path")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
+    path = check_writable(path, overwrite=overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -> Path:
+    """Stable JSON (sorted keys, two-space indent, trailing newline)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite=overwrite)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file, turning a missing or corrupt file into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"{what} {path} not found; check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WorkbenchError(f"{what} {path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
+                             "restore it or write it again") from None

@@ -1,0 +1,112 @@
+"""Per-neuron streaming statistics that merge exactly across batches, shards and processes.
+
+Welford's update in its batched form (Chan, Golub & LeVeque 1979, "Updating formulae and a pairwise
+algorithm for computing sample variances", eq. 2.1): for parts A and B with counts n_A, n_B, means
+m_A, m_B and sums of squared deviations M2_A, M2_B,
+    n = n_A + n_B,  δ = m_B − m_A,  m = m_A + δ·n_B/n,  M2 = M2_A + M2_B + δ²·n_A·n_B/n.
+All accumulation is float64 on the device the activations live on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from workbench.errors import WorkbenchError
+from workbench.io import atomic_write
+
+STATS_FORMAT = "workbench.running_stats/1"
+_FIELDS = ("count", "mean", "m2", "mean_abs", "max")
+
+
+@dataclass
+class RunningStats:
+    """count, mean, M2 (sum of squared deviations), mean of |x| and max, per neuron."""
+
+    count: torch.Tensor  # float64 scalar (float so merges never overflow an int on any device)
+    mean: torch.Tensor
+    m2: torch.Tensor
+    mean_abs: torch.Tensor
+    max: torch.Tensor
+
+    @classmethod
+    def empty(cls, size: int, device: torch.device | str = "cpu") -> "RunningStats":
+        zeros = lambda: torch.zeros(size, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(torch.zeros((), dtype=torch.float64, device=device), zeros(), zeros(), zeros(),
+                   torch.full((size,), -torch.inf, dtype=torch.float64, device=device))
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> "RunningStats":
+        """Statistics of a (samples, neurons) block of activations."""
+        x = values.detach().to(torch.float64)
+        mean = x.mean(0)
+        return cls(torch.full((), x.shape[0], dtype=torch.float64, device=x.device), mean,
+                   (x - mean).square().sum(0), x.abs().mean(0), x.amax(0))
+
+    def update(self, values: torch.Tensor) -> None:
+        """Fold a (samples, neurons) block into these statistics, in place."""
+        if values.shape[0]:
+            self.merge_(RunningStats.of(values))
+
+    def merge_(self, other: "RunningStats") -> "RunningStats":
+        """Chan et al.'s pairwise merge, in place; returns self."""
+        if self.mean.shape != other.mean.shape:
+            raise WorkbenchError(f"cannot merge statistics of {self.mean.numel()} and {other.mean.numel()} "
+                                 "neurons; were they recorded at different sites?")
+        other = other.to(self.mean.device)
+        total = self.count + other.count
+        weight = other.count / total.clamp(min=1)  # no branch on the count: no device sync per call
+        delta = other.mean - self.mean
+        self.m2 = self.m2 + other.m2 + delta.square() * self.count * weight
+        self.mean = self.mean + delta * weight
+        self.mean_abs = self.mean_abs + (other.mean_abs - self.mean_abs) * weight
+        self.max = torch.maximum(self.max, other.max)
+        self.count = total
+        return self
+
+    def merge(self, other: "RunningStats") -> "RunningStats":
+        return self.copy().merge_(other)
+
+    def copy(self) -> "RunningStats":
+        return RunningStats(*(getattr(self, f).clone() for f in _FIELDS))
+
+    def to(self, device: torch.device | str) -> "RunningStats":
+        return RunningStats(*(getattr(self, f).to(device) for f in _FIELDS))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance (n − 1 in the denominator)."""
+        return self.m2 / (self.count - 1).clamp(min=1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+
+def save_stats(stats: dict[str, RunningStats], path: str | os.PathLike, *, overwrite: bool = False,
+               metadata: dict[str, str] | None = None) -> None:
+    """Save `{site: stats}` as one safetensors file (keys `site/field`)."""
+    tensors = {f"{site}/{field}": getattr(s, field).detach().cpu().contiguous()
+               for site, s in stats.items() for field in _FIELDS}
+    meta = {"format": "pt", "workbench.format": STATS_FORMAT, **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)
+
+
+def load_stats(path: str | os.PathLike) -> dict[str, RunningStats]:
+    if not os.path.isfile(path):
+        raise WorkbenchError(f"statistics file {path} not found; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("workbench.format") != STATS_FORMAT:
+                raise WorkbenchError(f"{path} is not a workbench statistics file; write it with save_stats")
+            fields: dict[str, dict[str, torch.Tensor]] = {}
+            for key in f.keys():
+                site, field = key.rsplit("/", 1)
+                fields.setdefault(site, {})[field] = f.get_tensor(key)
+    except SafetensorError as err:
+        raise WorkbenchError(f"statistics file {path} is corrupt ({err}); record it again") from None
+    return {site: RunningStats(**values) for site, values in fields.items()}
