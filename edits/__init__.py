@@ -1,0 +1,1 @@
+"""Edits: change the weights to remove what localization found (one module per method)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,10 +51,12 @@ def load(source: str | os.PathLike | Any, *, device: str | torch.device | None =
     """
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     target = parse_device(device) if device is not None else None
+    if family != "auto" and family not in ADAPTERS:
+        raise WorkbenchError(f"unknown family {family!r}; use one of: auto, {', '.join(ADAPTERS)}")
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         pipeline = _load_folder(folder, torch_dtype or torch.float32, family)
-        target = target or torch.device("cpu")
+        torch_dtype = None  # already loaded in it
     else:
         folder = None
         pipeline = source
@@ -86,12 +89,30 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, family: str) -> Any:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                 dtype=torch_dtype, **absent)
+        with _library_progress_bars_off():
+            return DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                     dtype=torch_dtype, **absent)
     except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, ... for broken folders
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WorkbenchError(f"could not load the pipeline in {folder}: {reason[:300]}; check that the folder "
                              "is a complete diffusers pipeline with safetensors weights") from None
+
+
+@contextmanager
+def _library_progress_bars_off() -> Iterator[None]:
+    """diffusers and transformers draw one bar per component and per weight file: noise beside ours."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    were_on = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in were_on:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in were_on:
+            if on:
+                lib.enable_progress_bar()
 
 
 def _check_family(folder: Path, index: dict, family: str) -> None:

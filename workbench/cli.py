@@ -1,0 +1,171 @@
+"""The `workbench` command line: a thin typer layer over the Python API.
+
+Every command that reports something has `--json`. Expected failures print one line and exit 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                      ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    os.environ.setdefault(_name, _value)  # offline by design; library chatter off (before they import)
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from workbench.errors import WorkbenchError  # noqa: E402
+
+app = typer.Typer(help="Find, remove and audit what a text-to-image diffusion model stores.",
+                  pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
+console = Console()
+_debug = {"on": False}
+
+ModelArg = Annotated[Path, typer.Argument(help="Local diffusers pipeline folder (with model_index.json).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+FamilyOpt = Annotated[str, typer.Option(help="Denoiser family: auto, unet, dit, mmdit or generic.")]
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _debug["on"] = debug
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Expected failures become one line on stderr and exit code 2."""
+    try:
+        yield
+    except (WorkbenchError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        if _debug["on"]:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _load(model: Path, device: str, dtype: str, family: str):
+    import workbench
+
+    return workbench.load(model, device=device, dtype=dtype, family=family)
+
+
+@app.command()
+def inspect(model: ModelArg, json_out: JsonOpt = False, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+            family: FamilyOpt = "auto") -> None:
+    """Family, sites per role and neurons per block of a model's denoiser."""
+    with _user_errors():
+        loaded = _load(model, device, dtype, family)
+        graph = loaded.graph
+        summary = graph.summary()
+        if json_out:
+            sites = [{k: v for k, v in s.to_json().items() if k != "weight_shape"} for s in graph.sites]
+            _print_json({"model": str(model), "pipeline": type(loaded.pipeline).__name__, **summary, "sites": sites})
+            return
+        console.print(f"[bold]{model}[/]: {type(loaded.pipeline).__name__}, family [bold]{summary['family']}[/] "
+                      f"({summary['denoiser_class']}), {summary['sites']} sites, {summary['neurons']:,} neurons")
+        for title, rows in (("role", summary["roles"]), ("block", summary["blocks"])):
+            table = Table(title=f"sites per {title}")
+            for column in (title, "sites", "neurons"):
+                table.add_column(column, justify="left" if column == title else "right")
+            for key, counts in rows.items():
+                table.add_row(key, str(counts["sites"]), f"{counts['neurons']:,}")
+            console.print(table)
+
+
+@app.command()
+def graph(model: ModelArg, out: Annotated[Path, typer.Option(help="Where to write the graph JSON.")],
+          overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+          json_out: JsonOpt = False, family: FamilyOpt = "auto") -> None:
+    """Write the neuron graph (sites, data-flow edges) as JSON."""
+    with _user_errors():
+        from workbench.io import check_writable
+
+        check_writable(out, overwrite=overwrite)
+        loaded = _load(model, "cpu", "float32", family)
+        loaded.graph.save(out, overwrite=overwrite)
+        edges: dict[str, int] = {}
+        for _, _, kind in loaded.graph.nx.edges(data="kind"):
+            edges[kind] = edges.get(kind, 0) + 1
+        result = {"out": str(out), "sites": len(loaded.graph.sites), "edges": edges}
+        if json_out:
+            _print_json(result)
+        else:
+            console.print(f"wrote {out}: {result['sites']} sites, edges {edges}")
+
+
+@app.command()
+def generate(model: ModelArg,
+             prompt: Annotated[list[str], typer.Option("--prompt", help="Prompt (repeat for several).")],
+             out: Annotated[Path, typer.Option(help="PNG path; with several prompts, NAME-i.png.")],
+             seed: Annotated[int, typer.Option(help="Seed of the first prompt (prompt i uses seed+i).")] = 0,
+             steps: Annotated[Optional[int], typer.Option(help="Denoising steps (pipeline default if unset).")] = None,
+             guidance: Annotated[Optional[float], typer.Option(help="CFG scale (pipeline default if unset).")] = None,
+             ablate: Annotated[Optional[Path], typer.Option(help="NeuronSet JSON to ablate while generating.")] = None,
+             overwrite: Annotated[bool, typer.Option(help="Replace existing images.")] = False,
+             json_out: JsonOpt = False, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+             family: FamilyOpt = "auto") -> None:
+    """Generate images, optionally with a neuron set ablated."""
+    with _user_errors():
+        from contextlib import nullcontext
+
+        from workbench.intervene import ablate as ablate_neurons
+        from workbench.io import check_writable
+        from workbench.neurons import NeuronSet
+        from workbench.sampling import generate as run_generate, save_image
+
+        if out.suffix.lower() != ".png":
+            raise WorkbenchError(f"output {out} must end in .png")
+        paths = [out] if len(prompt) == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(len(prompt))]
+        for path in paths:
+            check_writable(path, overwrite=overwrite)
+        neurons = NeuronSet.load(ablate) if ablate is not None else None
+        loaded = _load(model, device, dtype, family)
+        context = ablate_neurons(loaded, neurons) if neurons is not None else nullcontext()
+        with context, console.status("generating", spinner="dots") if not json_out else nullcontext():
+            images = run_generate(loaded, prompt, seed=seed, steps=steps, guidance_scale=guidance)
+        for image, path in zip(images, paths):
+            save_image(image, path, overwrite=overwrite)
+        result = {"images": [{"prompt": p, "seed": seed + i, "path": str(path)}
+                             for i, (p, path) in enumerate(zip(prompt, paths))],
+                  "ablated_neurons": len(neurons) if neurons is not None else 0}
+        if json_out:
+            _print_json(result)
+        else:
+            for item in result["images"]:
+                console.print(f"wrote {item['path']}  (seed {item['seed']}): {item['prompt']}")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Folder for the demo's model and runs.")] = Path("demo-output"),
+         json_out: JsonOpt = False) -> None:
+    """The main job on what exists now: inspect, record, ablate and generate on a tiny U-Net."""
+    with _user_errors():
+        from workbench.demo import print_summary, run_demo
+
+        summary = run_demo(out, console=None if json_out else console)
+        if json_out:
+            _print_json(summary)
+        else:
+            print_summary(summary, console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
