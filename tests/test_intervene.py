@@ -226,3 +226,19 @@ def test_nnsight_ablation_equals_hook_ablation(unet_model):
         by_hook = unet_model.denoiser(latents, 500, encoder_hidden_states=text).sample
     torch.testing.assert_close(result.sample, by_hook, rtol=0, atol=1e-6)
 
+
+
+def test_nnsight_pipeline_trace_equals_hook_ablation(unet_model):
+    """Tracing the whole denoising loop with nnsight edits every step like `intervene.ablate`."""
+    site = unet_model.graph.select(roles=["cross_attn_value"])[0]
+    traced = unet_model.pipeline_tracer()
+    with torch.no_grad():
+        with traced.trace(prompt=PROMPTS[:1], num_inference_steps=2, guidance_scale=3.0, output_type="pt",
+                          generator=[torch.Generator().manual_seed(0)]) as tracer:
+            for step in tracer.iter[0:2]:
+                traced.get(f"unet.{site.path}").output[..., :4] = 0
+            result = traced.output.save()
+    with intervene.ablate(unet_model, NeuronSet({site.path: range(4)})):
+        by_hook = sampling.generate(unet_model, PROMPTS[:1], steps=2, guidance_scale=3.0, seed=0)
+    torch.testing.assert_close(result.images, by_hook, rtol=0, atol=1e-6)
+    assert not torch.allclose(by_hook, sampling.generate(unet_model, PROMPTS[:1], steps=2, guidance_scale=3.0))

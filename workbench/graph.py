@@ -99,7 +99,7 @@ class NeuronGraph:
         matches exact paths or path suffixes (`"attn2.to_v"` matches `....attn2.to_v`). `blocks`
         match exactly or as a prefix (`"down"` matches `down.0`, `down.1`, ...).
         """
-        role_set = {Role(r) for r in roles} if roles is not None else None
+        role_set = {_role(r) for r in roles} if roles is not None else None
         block_list = list(blocks) if blocks is not None else None
         return [s for s in self._sites.values()
                 if (targets is None or _matches(s.path, targets))
@@ -115,20 +115,26 @@ class NeuronGraph:
     def annotate(self, neurons: NeuronSet, key: str, value: Any = True) -> None:
         """Materialize the neurons of `neurons` and set attribute `key` on each.
 
-        `value` is one value for all, or `{site: sequence aligned with neurons[site]}`.
+        `value` is one value for all, or `{site: sequence}` aligned with the *sorted* indices
+        `neurons[site]`. Everything is checked before anything is written.
         """
         neurons.validate(self)
+        rows = []
         for site, indices in neurons.items():
             values = value[site] if isinstance(value, Mapping) else [value] * len(indices)
             values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
             if len(values) != len(indices):
                 raise WorkbenchError(f"{len(values)} values for {len(indices)} neurons of {site}")
-            for index, item in zip(indices, values):
-                node = (site, index)
-                if node not in self.nx:
-                    self.nx.add_node(node, node_type="neuron")
-                    self.nx.add_edge(site, node, kind="has")
-                self.nx.nodes[node][key] = item
+            rows += [(site, index, item) for index, item in zip(indices, values)]
+        for site, index, item in rows:
+            self._set_neuron_attr(site, index, key, item)
+
+    def _set_neuron_attr(self, site: str, index: int, key: str, value: Any) -> None:
+        node = (site, index)
+        if node not in self.nx:
+            self.nx.add_node(node, node_type="neuron")
+            self.nx.add_edge(site, node, kind="has")
+        self.nx.nodes[node][key] = value
 
     def neurons(self, key: str | None = None) -> NeuronSet:
         """The materialized neurons (those with attribute `key`, if given)."""
@@ -175,8 +181,9 @@ class NeuronGraph:
         meta = {k: v for k, v in data.items() if k not in ("format", "sites", "edges", "neurons")}
         graph = cls([Site.from_json(s) for s in data["sites"]], [tuple(e) for e in data["edges"]], meta)
         for site, index, attrs in data["neurons"]:
+            NeuronSet({site: [index]}).validate(graph)
             for key, value in attrs.items():
-                graph.annotate(NeuronSet({site: [index]}), key, value)
+                graph._set_neuron_attr(site, index, key, value)
         return graph
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -185,6 +192,13 @@ class NeuronGraph:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronGraph":
         return cls.from_json(read_json(path, "neuron graph"))
+
+
+def _role(value: Role | str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise WorkbenchError(f"unknown role {value!r}; use one of: {', '.join(r.value for r in Role)}") from None
 
 
 def _matches(path: str, targets: str | Sequence[str]) -> bool:
@@ -270,21 +284,23 @@ def _edges(adapter: FamilyAdapter, sites: list[Site], executed: list[str],
         edges.append(("input:timestep", time_sites[0], "time"))
     edges += [(a, b, "text") for a, b in adapter.text_edges(sites)]
     edges += [(a, b, "skip") for a, b in adapter.skip_edges(executed, modules)]
-    edges += [(a, b, "residual") for a, b in _residual_edges(adapter, executed, modules)]
+    edges += [(a, b, "residual") for a, b in _residual_edges(adapter, sites, executed, modules)]
     return edges
 
 
-def _residual_edges(adapter: FamilyAdapter, executed: list[str],
+def _residual_edges(adapter: FamilyAdapter, sites: list[Site], executed: list[str],
                     modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """Around each residual unit: from the site before its first site to the site after its last."""
-    rank = {p: i for i, p in enumerate(executed)}
+    """Around each residual unit, on the latent stream: from the stream site before the unit's
+    first site to the stream site after its last (text, time and modulation paths are skipped)."""
+    spatial = {s.path for s in sites if s.resolution is not None}
+    stream = [p for p in executed if p in spatial]
     edges = []
     for path, module in modules.items():
         if type(module).__name__ not in adapter.residual_units:
             continue
-        inside = [rank[p] for p in executed if p.startswith(path + ".")]
-        if inside and min(inside) > 0 and max(inside) + 1 < len(executed):
-            edges.append((executed[min(inside) - 1], executed[max(inside) + 1]))
+        inside = [i for i, p in enumerate(stream) if p.startswith(path + ".")]
+        if inside and inside[0] > 0 and inside[-1] + 1 < len(stream):
+            edges.append((stream[inside[0] - 1], stream[inside[-1] + 1]))
     return edges
 
 

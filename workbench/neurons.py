@@ -6,6 +6,7 @@ validate against a `NeuronGraph` so an out-of-range neuron is a one-line error, 
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
@@ -23,6 +24,20 @@ NEURON_SET_FORMAT = "workbench.neuron_set/1"
 WEIGHT_MASK_FORMAT = "workbench.weight_mask/1"
 
 
+def _indices(site: object, indices: object) -> list[int]:
+    """Validate one site's indices: non-negative integers (ints or an integer tensor), nothing else."""
+    if isinstance(indices, torch.Tensor):
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise WorkbenchError(f"neuron indices of {site} must be integers, not a {indices.dtype} tensor")
+        indices = indices.reshape(-1).tolist()
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise WorkbenchError(f"neuron indices of {site} must be a list of non-negative integers")
+    values = list(indices)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in values):
+        raise WorkbenchError(f"neuron indices of {site} must be non-negative integers")
+    return [int(i) for i in values]
+
+
 class NeuronSet:
     """Output units of sites: `{site path: sorted unique indices}`. Empty sites are dropped.
 
@@ -32,11 +47,9 @@ class NeuronSet:
     def __init__(self, neurons: Mapping[str, Iterable[int]] | None = None):
         clean: dict[str, tuple[int, ...]] = {}
         for site, indices in (neurons or {}).items():
-            values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-            if any(isinstance(i, bool) or int(i) != i or i < 0 for i in values):
-                raise WorkbenchError(f"neuron indices of {site} must be non-negative integers")
+            values = _indices(site, indices)
             if values:
-                clean[str(site)] = tuple(sorted({int(i) for i in values}))
+                clean[str(site)] = tuple(sorted(set(values)))
         self._neurons = dict(sorted(clean.items()))
 
     @property
@@ -121,7 +134,7 @@ class WeightMask:
         for site, mask in (masks or {}).items():
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise WorkbenchError(f"mask of {site} must be a bool tensor")
-            clean[str(site)] = mask.detach().to("cpu").contiguous()
+            clean[str(site)] = mask.detach().to("cpu", copy=True).contiguous()  # never aliases the caller's
         self._masks = dict(sorted(clean.items()))
 
     @property

@@ -24,6 +24,20 @@ def denoiser_component(pipeline: Any) -> str:
                          "load a text-to-image pipeline")
 
 
+class PipelineView(nn.Module):
+    """A module view of a pipeline (components as children, forward = the pipeline call), for nnsight."""
+
+    def __init__(self, pipeline: Any):
+        super().__init__()
+        self.pipeline = pipeline  # not a Module: a plain attribute
+        for name, component in pipeline.components.items():
+            if isinstance(component, nn.Module):
+                self.add_module(name, component)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pipeline(*args, **kwargs)
+
+
 class Model:
     """A diffusers text-to-image pipeline as the workbench sees it.
 
@@ -75,6 +89,17 @@ class Model:
         from nnsight import NNsight
 
         return NNsight(self.denoiser)
+
+    def pipeline_tracer(self):
+        """An `nnsight.NNsight` wrapper of the whole pipeline: a trace runs the full denoising loop.
+
+        `with t.trace(prompt=[...], num_inference_steps=N) as tracer:` then
+        `for step in tracer.iter[0:N]: t.get(f"{model.denoiser_name}.{path}").output[...] = 0`.
+        Use a bounded `tracer.iter[0:N]`; with CFG the batch is [unconditional; conditional].
+        """
+        from nnsight import NNsight
+
+        return NNsight(PipelineView(self.pipeline))
 
     def __repr__(self) -> str:
         where = f" from {self.source}" if self.source else ""

@@ -82,6 +82,8 @@ class UNetAdapter(FamilyAdapter):
         index = 0
         while f"up_blocks.{index}" in modules and stack:
             for layer in range(len(modules[f"up_blocks.{index}"].resnets)):
+                if not stack:
+                    break
                 producer, consumer = stack.pop(), first_site(f"up_blocks.{index}.resnets.{layer}")
                 if producer and consumer:
                     edges.append((producer, consumer))
