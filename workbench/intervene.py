@@ -87,6 +87,20 @@ class Intervention:
         self.timestep = float(timestep.reshape(-1)[0]) if timestep is not None and (
             self.filter.timesteps is not None) else None
 
+    def editing_hook(self, edit: Callable[[torch.Tensor, slice], None]) -> Callable:
+        """A forward hook that lets `edit(output, rows)` change the active rows of the output in place.
+
+        The output is copied first only when autograd needs the original.
+        """
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            rows = self.active_rows(output.shape[0])
+            if rows is None:
+                return None
+            target = output.clone() if torch.is_grad_enabled() and output.requires_grad else output
+            edit(target, rows)
+            return target
+        return hook
+
     def __enter__(self) -> "Intervention":
         try:
             self._handles.append(self.model.denoiser.register_forward_pre_hook(self._count_call, with_kwargs=True))
@@ -103,48 +117,45 @@ class Intervention:
         self._handles.clear()
 
 
-def _channel_index(output: torch.Tensor, site: Site, indices: torch.Tensor) -> tuple[int, torch.Tensor]:
-    if indices.device != output.device:
-        indices = indices.to(output.device)
-    return site.channel_dim % output.ndim, indices
-
-
 def _per_neuron_shape(site: Site, ndim: int, size: int) -> list[int]:
     """Shape that broadcasts a per-neuron vector along the site's channel dimension."""
     return [size] + [1] * (ndim - 2) if site.channel_dim == 1 else [size]
 
 
-class Ablation(Intervention):
-    """Multiply the selected neurons by `factor` (0 = zero-ablation)."""
+class NeuronIntervention(Intervention):
+    """Base of interventions on a validated NeuronSet; indices live on the model's device."""
 
-    def __init__(self, model: Model, neurons: NeuronSet, factor: float = 0.0, **call_filter):
+    def __init__(self, model: Model, neurons: NeuronSet, **call_filter):
         super().__init__(model, **call_filter)
         self.neurons = neurons.validate(model.graph)
-        self.factor = float(factor)
 
     def site_hooks(self) -> Iterator[tuple[Site, Callable]]:
         for path, indices in self.neurons.items():
-            yield self.model.graph.site(path), self._hook(self.model.graph.site(path), torch.tensor(indices))
+            site = self.model.graph.site(path)
+            index = torch.tensor(indices, device=self.model.device)
+            yield site, self.editing_hook(lambda output, rows, site=site, index=index:
+                                          self.edit(output[rows], site.channel_dim % output.ndim, site, index))
 
-    def _hook(self, site: Site, indices: torch.Tensor) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            rows = self.active_rows(output.shape[0])
-            if rows is None:
-                return None
-            nonlocal indices
-            dim, indices = _channel_index(output, site, indices)
-            in_place = not (torch.is_grad_enabled() and output.requires_grad)
-            target = output if in_place else output.clone()
-            part = target[rows]
-            if self.factor == 0.0:
-                part.index_fill_(dim, indices, 0.0)
-            else:
-                part.index_copy_(dim, indices, part.index_select(dim, indices) * self.factor)
-            return target
-        return hook
+    def edit(self, part: torch.Tensor, dim: int, site: Site, index: torch.Tensor) -> None:
+        """Change the selected neurons (`index` along `dim`) of `part` in place."""
+        raise NotImplementedError
 
 
-class Patch(Intervention):
+class Ablation(NeuronIntervention):
+    """Multiply the selected neurons by `factor` (0 = zero-ablation)."""
+
+    def __init__(self, model: Model, neurons: NeuronSet, factor: float = 0.0, **call_filter):
+        super().__init__(model, neurons, **call_filter)
+        self.factor = float(factor)
+
+    def edit(self, part: torch.Tensor, dim: int, site: Site, index: torch.Tensor) -> None:
+        if self.factor == 0.0:
+            part.index_fill_(dim, index, 0.0)
+        else:
+            part.index_copy_(dim, index, part.index_select(dim, index) * self.factor)
+
+
+class Patch(NeuronIntervention):
     """Replace the selected neurons' activations with given values (or a function of them).
 
     A value for site S is a tensor of shape (k,) — one constant per selected neuron — or any tensor
@@ -152,39 +163,24 @@ class Patch(Intervention):
     """
 
     def __init__(self, model: Model, neurons: NeuronSet, values: Mapping[str, PatchValue], **call_filter):
-        super().__init__(model, **call_filter)
-        self.neurons = neurons.validate(model.graph)
+        super().__init__(model, neurons, **call_filter)
         missing = set(self.neurons.sites) - set(values)
         if missing:
             raise WorkbenchError(f"no patch value for site(s) {', '.join(sorted(missing))}; "
                                  "give one value per site of the neuron set")
-        self.values = dict(values)
+        self.values = {path: value if callable(value) else torch.as_tensor(value, device=model.device)
+                       for path, value in values.items()}
 
-    def site_hooks(self) -> Iterator[tuple[Site, Callable]]:
-        for path, indices in self.neurons.items():
-            yield self.model.graph.site(path), self._hook(self.model.graph.site(path), torch.tensor(indices))
-
-    def _hook(self, site: Site, indices: torch.Tensor) -> Callable:
+    def edit(self, part: torch.Tensor, dim: int, site: Site, index: torch.Tensor) -> None:
+        selected = part.index_select(dim, index)
         value = self.values[site.path]
-
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            rows = self.active_rows(output.shape[0])
-            if rows is None:
-                return None
-            nonlocal indices
-            dim, indices = _channel_index(output, site, indices)
-            target = output.clone() if torch.is_grad_enabled() and output.requires_grad else output
-            part = target[rows]
-            selected = part.index_select(dim, indices)
-            if callable(value):
-                replacement = value(selected, self.call)
-            elif value.ndim == 1 and value.numel() == len(indices):
-                replacement = value.reshape(_per_neuron_shape(site, output.ndim, len(indices)))
-            else:
-                replacement = value
-            part.index_copy_(dim, indices, replacement.to(selected).expand_as(selected))
-            return target
-        return hook
+        if callable(value):
+            replacement = value(selected, self.call)
+        elif value.ndim == 1 and value.numel() == len(index):
+            replacement = value.reshape(_per_neuron_shape(site, part.ndim, len(index)))
+        else:
+            replacement = value
+        part.index_copy_(dim, index, replacement.to(selected).expand_as(selected))
 
 
 class PerSampleAblation(Intervention):
@@ -203,38 +199,29 @@ class PerSampleAblation(Intervention):
             union = union | neurons.validate(model.graph)
         self.masks = {}
         for path in union.sites:
-            mask = torch.ones(self.samples, model.graph.site(path).out_features)
+            mask = torch.ones(self.samples, model.graph.site(path).out_features, device=model.device)
             for sample, neurons in enumerate(neuron_sets):
                 mask[sample, list(neurons[path])] = float(factor)
             self.masks[path] = mask
 
     def site_hooks(self) -> Iterator[tuple[Site, Callable]]:
         for path, mask in self.masks.items():
-            yield self.model.graph.site(path), self._hook(self.model.graph.site(path), mask)
+            site = self.model.graph.site(path)
+            yield site, self.editing_hook(lambda output, rows, site=site, mask=mask:
+                                          self.edit(output, rows, site, mask))
 
-    def _hook(self, site: Site, mask: torch.Tensor) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            rows = self.active_rows(output.shape[0])
-            if rows is None:
-                return None
-            nonlocal mask
-            mask = mask.to(device=output.device, dtype=output.dtype)
-            batch = output.shape[0]
-            if batch == 2 * self.samples and self.model.cfg_active:
-                per_row = torch.cat([mask, mask])
-            elif batch == self.samples:
-                per_row = mask
-            else:
-                raise WorkbenchError(f"per-sample ablation has {self.samples} masks but the denoiser got a batch "
-                                     f"of {batch}; give one neuron set per prompt")
-            shape = [batch] + _per_neuron_shape(site, output.ndim, mask.shape[1]) if site.channel_dim == 1 \
-                else [batch] + [1] * (output.ndim - 2) + [mask.shape[1]]
-            factors = per_row.reshape(shape)[rows]
-            if torch.is_grad_enabled() and output.requires_grad:
-                output = output.clone()
-            output[rows] *= factors
-            return output
-        return hook
+    def edit(self, output: torch.Tensor, rows: slice, site: Site, mask: torch.Tensor) -> None:
+        batch = output.shape[0]
+        if batch == 2 * self.samples and self.model.cfg_active:
+            per_row = torch.cat([mask, mask])
+        elif batch == self.samples:
+            per_row = mask
+        else:
+            raise WorkbenchError(f"per-sample ablation has {self.samples} masks but the denoiser got a batch "
+                                 f"of {batch}; give one neuron set per prompt")
+        shape = [batch] + ([mask.shape[1]] + [1] * (output.ndim - 2) if site.channel_dim == 1
+                           else [1] * (output.ndim - 2) + [mask.shape[1]])
+        output[rows] *= per_row.reshape(shape)[rows].to(output.dtype)
 
 
 class Recording(Intervention):

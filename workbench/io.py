@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from workbench.errors import WorkbenchError
 
 
@@ -59,3 +63,23 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WorkbenchError(f"{what} {path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
                              "restore it or write it again") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], file_format: str, *,
+                 overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Atomic safetensors write tagged `workbench.format` (and `format: pt`, as diffusers expects)."""
+    meta = {"format": "pt", "workbench.format": file_format, **(metadata or {})}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)
+
+
+def load_tensors(path: str | os.PathLike, file_format: str, what: str, writer: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by `save_tensors` with this format; one-line errors otherwise."""
+    if not os.path.isfile(path):
+        raise WorkbenchError(f"{what} {path} not found; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("workbench.format") != file_format:
+                raise WorkbenchError(f"{path} is not a workbench {what} ({file_format}); write it with {writer}")
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise WorkbenchError(f"{what} {path} is corrupt ({err}); write it again") from None

@@ -11,11 +11,8 @@ import os
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
 from workbench.errors import WorkbenchError
-from workbench.io import atomic_write, atomic_write_json, read_json
+from workbench.io import atomic_write_json, load_tensors, read_json, save_tensors
 
 if TYPE_CHECKING:
     from workbench.graph import NeuronGraph
@@ -198,18 +195,8 @@ class WeightMask:
         return self
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        metadata = {"format": "pt", "workbench.format": WEIGHT_MASK_FORMAT}
-        atomic_write(path, lambda tmp: save_file(dict(self._masks), str(tmp), metadata=metadata),
-                     overwrite=overwrite)
+        save_tensors(path, dict(self._masks), WEIGHT_MASK_FORMAT, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightMask":
-        if not os.path.isfile(path):
-            raise WorkbenchError(f"weight mask {path} not found; check the path")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("workbench.format") != WEIGHT_MASK_FORMAT:
-                    raise WorkbenchError(f"{path} is not a workbench weight mask; write it with WeightMask.save")
-                return cls({key: f.get_tensor(key) for key in f.keys()})
-        except SafetensorError as err:
-            raise WorkbenchError(f"weight mask {path} is corrupt ({err}); write it again") from None
+        return cls(load_tensors(path, WEIGHT_MASK_FORMAT, "weight mask", "WeightMask.save"))

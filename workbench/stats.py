@@ -13,11 +13,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
 from workbench.errors import WorkbenchError
-from workbench.io import atomic_write
+from workbench.io import load_tensors, save_tensors
 
 STATS_FORMAT = "workbench.running_stats/1"
 _FIELDS = ("count", "mean", "m2", "mean_abs", "max")
@@ -92,21 +89,14 @@ def save_stats(stats: dict[str, RunningStats], path: str | os.PathLike, *, overw
     """Save `{site: stats}` as one safetensors file (keys `site/field`)."""
     tensors = {f"{site}/{field}": getattr(s, field).detach().cpu().contiguous()
                for site, s in stats.items() for field in _FIELDS}
-    meta = {"format": "pt", "workbench.format": STATS_FORMAT, **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=overwrite)
+    save_tensors(path, tensors, STATS_FORMAT, overwrite=overwrite, metadata=metadata)
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, RunningStats]:
-    if not os.path.isfile(path):
-        raise WorkbenchError(f"statistics file {path} not found; check the path")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("workbench.format") != STATS_FORMAT:
-                raise WorkbenchError(f"{path} is not a workbench statistics file; write it with save_stats")
-            fields: dict[str, dict[str, torch.Tensor]] = {}
-            for key in f.keys():
-                site, field = key.rsplit("/", 1)
-                fields.setdefault(site, {})[field] = f.get_tensor(key)
-    except SafetensorError as err:
-        raise WorkbenchError(f"statistics file {path} is corrupt ({err}); record it again") from None
+    fields: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_tensors(path, STATS_FORMAT, "statistics file", "save_stats").items():
+        site, field = key.rsplit("/", 1)
+        fields.setdefault(site, {})[field] = tensor
+    if any(set(values) != set(_FIELDS) for values in fields.values()):
+        raise WorkbenchError(f"statistics file {path} is incomplete; record it again")
     return {site: RunningStats(**values) for site, values in fields.items()}
