@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import workbench
 from workbench import intervene, sampling
 from workbench.errors import WorkbenchError
 from workbench.neurons import NeuronSet
@@ -242,3 +241,23 @@ def test_nnsight_pipeline_trace_equals_hook_ablation(unet_model):
         by_hook = sampling.generate(unet_model, PROMPTS[:1], steps=2, guidance_scale=3.0, seed=0)
     torch.testing.assert_close(result.images, by_hook, rtol=0, atol=1e-6)
     assert not torch.allclose(by_hook, sampling.generate(unet_model, PROMPTS[:1], steps=2, guidance_scale=3.0))
+
+
+def test_recorded_statistics_equal_one_pass_over_all_activations(unet_model, monkeypatch):
+    """Across many calls (queued blocks folded in batches) the statistics equal a single pass."""
+    monkeypatch.setattr(intervene.Recording, "FOLD_EVERY", 2)
+    site = unet_model.graph.select(roles=["ffn_out"])[1]
+    captured = []
+    handle = unet_model.module(site.path).register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+    try:
+        with intervene.record(unet_model, [site]) as rec:
+            sampling.generate(unet_model, PROMPTS, steps=5, guidance_scale=3.0)
+    finally:
+        handle.remove()
+    values = torch.cat([c.reshape(-1, site.out_features) for c in captured]).double()
+    stats = rec.stats[site.path]
+    assert int(stats.count) == values.shape[0] and len(captured) == 5
+    torch.testing.assert_close(stats.mean, values.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.variance, values.var(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.mean_abs, values.abs().mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.max, values.amax(0), rtol=0, atol=0)

@@ -186,3 +186,10 @@ def test_load_wrong_files(tmp_path):
         with pytest.raises(WorkbenchError) as err:
             load_stats(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sizes", [[50], [1, 49], [7, 0, 13, 30], [10] * 5])
+def test_combine_k_parts_equals_one_pass(sizes):
+    x = data(sum(sizes), seed=3)
+    parts = [RunningStats.of(p) if len(p) else RunningStats.empty(x.shape[1]) for p in split(x, sizes)]
+    assert_matches(RunningStats.combine(parts), x, rtol=1e-11)

@@ -107,6 +107,12 @@ class NeuronGraph:
                 and (block_list is None or any(s.block == b or s.block.startswith(b + ".") for b in block_list))
                 and (exclude is None or not _matches(s.path, exclude))]
 
+    def in_execution_order(self, neurons: NeuronSet) -> list[tuple[Site, tuple[int, ...]]]:
+        """(site, indices) of a neuron set in execution order: the order an nnsight trace must use
+        (a NeuronSet itself is sorted by path, where `blocks.10` comes before `blocks.2`)."""
+        neurons.validate(self)
+        return [(s, neurons[s.path]) for s in self._sites.values() if s.path in neurons]
+
     def neurons_of(self, sites: Iterable[Site]) -> NeuronSet:
         """Every neuron of the given sites."""
         return NeuronSet({s.path: range(s.out_features) for s in sites})
@@ -210,7 +216,8 @@ def _matches(path: str, targets: str | Sequence[str]) -> bool:
 def _meta_copy(denoiser: nn.Module) -> nn.Module:
     """The same architecture without weights; modules without a diffusers config are used as they are."""
     config = getattr(denoiser, "config", None)
-    if config is None or not hasattr(type(denoiser), "from_config"):
+    if config is None or not hasattr(type(denoiser), "from_config") or \
+            all(p.device.type == "meta" for p in denoiser.parameters()):
         return denoiser
     with torch.device("meta"):
         return type(denoiser).from_config(config)

@@ -228,8 +228,12 @@ class Recording(Intervention):
     """Per-neuron streaming statistics (count, mean, M2, mean |x|, max) at the chosen sites.
 
     Statistics pool all tokens / spatial positions and selected rows of every selected call;
-    `per_step=True` keeps one set per denoiser call as well (`by_step[call][site]`).
+    `per_step=True` keeps one set per denoiser call as well (`by_step[call][site]`). Each call's
+    block statistics are queued and folded in batches (`RunningStats.combine`), which keeps the
+    per-call cost to a few kernels.
     """
+
+    FOLD_EVERY = 32  # queued blocks per site before they are folded
 
     def __init__(self, model: Model, sites: Iterable[Site | str], *, per_step: bool = False, **call_filter):
         super().__init__(model, **call_filter)
@@ -237,8 +241,16 @@ class Recording(Intervention):
         if not self.sites:
             raise WorkbenchError("no sites to record; select some with model.graph.select(...)")
         self.per_step = per_step
-        self.stats: dict[str, RunningStats] = {}
         self.by_step: dict[int, dict[str, RunningStats]] = {}
+        self._queued: dict[str, list[RunningStats]] = {}
+
+    @property
+    def stats(self) -> dict[str, RunningStats]:
+        """`{site path: statistics}` of everything recorded so far."""
+        for path, queue in self._queued.items():
+            if len(queue) > 1:
+                queue[:] = [RunningStats.combine(queue)]
+        return {path: queue[0] for path, queue in self._queued.items()}
 
     def site_hooks(self) -> Iterator[tuple[Site, Callable]]:
         for site in self.sites:
@@ -251,13 +263,13 @@ class Recording(Intervention):
                 return
             values = output[rows].detach().movedim(site.channel_dim, -1).reshape(-1, site.out_features)
             block = RunningStats.of(values)
-            if site.path in self.stats:
-                self.stats[site.path].merge_(block)
-            else:
-                self.stats[site.path] = block.copy()
+            queue = self._queued.setdefault(site.path, [])
+            queue.append(block)
+            if len(queue) >= self.FOLD_EVERY:
+                queue[:] = [RunningStats.combine(queue)]
             if self.per_step:
                 step = self.by_step.setdefault(self.call, {})
-                step[site.path] = step[site.path].merge_(block) if site.path in step else block
+                step[site.path] = step[site.path].merge(block) if site.path in step else block
         return hook
 
 

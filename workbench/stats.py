@@ -40,9 +40,10 @@ class RunningStats:
     def of(cls, values: torch.Tensor) -> "RunningStats":
         """Statistics of a (samples, neurons) block of activations."""
         x = values.detach().to(torch.float64)
-        mean = x.mean(0)
-        return cls(torch.full((), x.shape[0], dtype=torch.float64, device=x.device), mean,
-                   (x - mean).square().sum(0), x.abs().mean(0), x.amax(0))
+        n = x.shape[0]
+        variance, mean = torch.var_mean(x, dim=0, correction=0)  # one fused pass for both
+        return cls(torch.full((), n, dtype=torch.float64, device=x.device), mean, variance * n,
+                   torch.linalg.vector_norm(x, 1, dim=0) / n, x.amax(0))
 
     def update(self, values: torch.Tensor) -> None:
         """Fold a (samples, neurons) block into these statistics, in place."""
@@ -64,6 +65,21 @@ class RunningStats:
         self.max = torch.maximum(self.max, other.max)
         self.count = total
         return self
+
+    @classmethod
+    def combine(cls, parts: "list[RunningStats]") -> "RunningStats":
+        """Chan et al.'s merge of k parts at once (eq. 2.1 summed over parts): with n = Σ nᵢ,
+        m = Σ nᵢ mᵢ / n and M2 = Σ M2ᵢ + Σ nᵢ (mᵢ − m)². A handful of vector ops for any k."""
+        if len(parts) == 1:
+            return parts[0]
+        counts = torch.stack([p.count for p in parts])
+        total = counts.sum()
+        weights = (counts / total.clamp(min=1))[:, None]
+        means = torch.stack([p.mean for p in parts])
+        mean = (weights * means).sum(0)
+        m2 = torch.stack([p.m2 for p in parts]).sum(0) + (counts[:, None] * (means - mean).square()).sum(0)
+        mean_abs = (weights * torch.stack([p.mean_abs for p in parts])).sum(0)
+        return cls(total, mean, m2, mean_abs, torch.stack([p.max for p in parts]).amax(0))
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         return self.copy().merge_(other)

@@ -63,10 +63,14 @@ def load(source: str | os.PathLike | Any, *, device: str | torch.device | None =
         if not hasattr(pipeline, "components"):
             raise WorkbenchError(f"cannot load a {type(source).__name__}; give a pipeline folder or a "
                                  "diffusers pipeline object")
-    if target is not None or torch_dtype is not None:
+    denoiser = getattr(pipeline, denoiser_component(pipeline))
+    current = next(denoiser.parameters())
+    moves = target is not None and target != current.device
+    casts = torch_dtype is not None and torch_dtype != current.dtype
+    if moves or casts:  # a no-op .to() still makes diffusers warn about fp32 modules
         pipeline.to(device=target, dtype=torch_dtype)
     pipeline.set_progress_bar_config(disable=True)
-    adapter = adapter_for(getattr(pipeline, denoiser_component(pipeline)), family)
+    adapter = adapter_for(denoiser, family)
     return Model(pipeline, adapter, source=folder)
 
 

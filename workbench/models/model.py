@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.models.adapter import FamilyAdapter
+
+if TYPE_CHECKING:
+    from workbench.graph import NeuronGraph
 
 DENOISER_COMPONENTS = ("unet", "transformer")
 
@@ -53,6 +56,7 @@ class Model:
         # CFG layout of the denoiser call in flight, set by the sampling helpers: True means the
         # batch is [unconditional rows; conditional rows]. None when unknown (a direct pipeline call).
         self.cfg_active: bool | None = None
+        self._tracers: dict[str, Any] = {}  # nnsight wrappers, built once (wrapping patches every module)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -71,7 +75,7 @@ class Model:
         return next(self.denoiser.parameters()).dtype
 
     @cached_property
-    def graph(self) -> "NeuronGraph":  # noqa: F821  (imported lazily: the graph module imports models)
+    def graph(self) -> "NeuronGraph":  # imported lazily: the graph module imports the models package
         from workbench.graph import NeuronGraph
 
         return NeuronGraph.build(self.denoiser, self.adapter)
@@ -85,10 +89,13 @@ class Model:
         """An `nnsight.NNsight` wrapper of the denoiser: `with model.tracer().trace(latents, t, ...):`.
 
         Inside one trace, touch module outputs in execution order (`model.graph.sites` is in that order).
+        Built once per model: wrapping installs nnsight's forward on every module of the denoiser.
         """
         from nnsight import NNsight
 
-        return NNsight(self.denoiser)
+        if self._tracers.get("denoiser") is None:
+            self._tracers["denoiser"] = NNsight(self.denoiser)
+        return self._tracers["denoiser"]
 
     def pipeline_tracer(self):
         """An `nnsight.NNsight` wrapper of the whole pipeline: a trace runs the full denoising loop.
@@ -99,7 +106,9 @@ class Model:
         """
         from nnsight import NNsight
 
-        return NNsight(PipelineView(self.pipeline))
+        if self._tracers.get("pipeline") is None:
+            self._tracers["pipeline"] = NNsight(PipelineView(self.pipeline))
+        return self._tracers["pipeline"]
 
     def __repr__(self) -> str:
         where = f" from {self.source}" if self.source else ""
