@@ -1,6 +1,7 @@
 """The CLI: tables and --json, and one-line errors with exit code 2 for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -95,19 +96,12 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_folders, tmp_path, args, match
     _fails_cleanly(_run(*filled), match)
 
 
-def test_unwritable_output_folder(tiny_folders, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        result = _run("generate", tiny_folders["unet"], "--prompt", "a cat", "--out", locked / "x.png")
-    finally:
-        locked.chmod(0o700)
-    import os
-    if os.geteuid() == 0:  # root can write anywhere: the check cannot trigger
-        assert result.exit_code in (0, 2)
-    else:
-        _fails_cleanly(result, "not writable")
+def test_unwritable_output_folder(tiny_folders, tmp_path, monkeypatch):
+    # permission bits do not stop root (CI runs as root), so make the folder read-only for os.access
+    monkeypatch.setattr("workbench.io.folder_writable", lambda folder: False)
+    _fails_cleanly(_run("generate", tiny_folders["unet"], "--prompt", "a cat", "--out", tmp_path / "x.png"),
+                   "not writable")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -124,4 +118,4 @@ def test_demo_runs_the_main_job(tmp_path):
     assert max(change["empty_set"]) == 0
     assert min(change["most_active"]) > 0 and min(change["random_control"]) > 0
     for path in summary["files"].values():
-        assert (tmp_path / path).exists() or __import__("pathlib").Path(path).exists()
+        assert Path(path).exists()

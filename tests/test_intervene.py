@@ -261,3 +261,14 @@ def test_recorded_statistics_equal_one_pass_over_all_activations(unet_model, mon
     torch.testing.assert_close(stats.variance, values.var(0), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(stats.mean_abs, values.abs().mean(0), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(stats.max, values.amax(0), rtol=0, atol=0)
+
+
+def test_timestep_selection_equals_step_selection(tiny_model):
+    sampling.generate(tiny_model, PROMPTS[:1], steps=3)
+    timestep = float(tiny_model.pipeline.scheduler.timesteps[1])
+    site = tiny_model.graph.select(roles=TEXT_VALUE_ROLES)[0]
+    with intervene.record(tiny_model, [site], timesteps=[timestep]) as by_value, \
+            intervene.record(tiny_model, [site], steps=[1]) as by_index:
+        sampling.generate(tiny_model, PROMPTS[:1], steps=3)
+    assert int(by_value.stats[site.path].count) == int(by_index.stats[site.path].count) > 0
+    torch.testing.assert_close(by_value.stats[site.path].mean, by_index.stats[site.path].mean, rtol=0, atol=0)

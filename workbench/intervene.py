@@ -48,7 +48,7 @@ class CallFilter:
             return slice(0, batch)
         if cfg_active is None:
             raise WorkbenchError("branch selection needs the CFG layout; run the model through "
-                                 "workbench.generate / workbench.predict")
+                                 "workbench.sampling.generate or workbench.sampling.predict")
         if not cfg_active:
             return slice(0, batch) if self.branch == "cond" else None
         half = batch // 2
@@ -83,9 +83,9 @@ class Intervention:
 
     def _count_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.call += 1
-        timestep = self.model.adapter.timestep_of(args, kwargs)
-        self.timestep = float(timestep.reshape(-1)[0]) if timestep is not None and (
-            self.filter.timesteps is not None) else None
+        if self.filter.timesteps is not None:  # reading the value may sync the device: only when asked
+            timestep = self.model.adapter.timestep_of(args, kwargs)
+            self.timestep = float(timestep.reshape(-1)[0]) if timestep is not None else None
 
     def editing_hook(self, edit: Callable[[torch.Tensor, slice], None]) -> Callable:
         """A forward hook that lets `edit(output, rows)` change the active rows of the output in place.

@@ -15,6 +15,10 @@ from safetensors.torch import save_file
 from workbench.errors import WorkbenchError
 
 
+def folder_writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Fail early, before any work, if `path` cannot be written (missing folder, exists, read-only)."""
     path = Path(path)
@@ -25,7 +29,7 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise WorkbenchError(f"folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
+    if not folder_writable(parent):
         raise WorkbenchError(f"folder {parent} is not writable; choose another output path")
     return path
 
