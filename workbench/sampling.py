@@ -112,7 +112,8 @@ def generate(model: Model, prompts: str | Sequence[str], *, seed: int = 0, steps
         raise WorkbenchError(f"steps must be at least 1 (got {steps})")
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height,
                               "width": width, "negative_prompt": negative_prompt,
-                              "max_sequence_length": max_sequence_length}
+                              "max_sequence_length": max_sequence_length or
+                              model.adapter.max_sequence_length(model.pipeline)}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     device = model.device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]

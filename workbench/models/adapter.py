@@ -95,6 +95,10 @@ class FamilyAdapter:
         """One denoiser forward; returns the prediction with the latent's channel count."""
         raise WorkbenchError(f"denoising is not available for family {self.family!r}")
 
+    def max_sequence_length(self, pipe: Any) -> int | None:
+        """Text length used by `encode` and `generate` alike (None where the pipeline has no such knob)."""
+        return None
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments every pipeline call of this family needs (offline, deterministic)."""
         return {}

@@ -63,7 +63,7 @@ class PixArtAdapter(FamilyAdapter):
                max_sequence_length: int | None) -> dict[str, torch.Tensor]:
         embeds, mask, neg_embeds, neg_mask = pipe.encode_prompt(
             prompts, cfg, negative_prompt=negative, device=pipe.device, clean_caption=False,
-            max_sequence_length=max_sequence_length or 120)
+            max_sequence_length=max_sequence_length or self.max_sequence_length(pipe))
         return {"encoder_hidden_states": cat_cfg(neg_embeds, embeds, cfg),
                 "encoder_attention_mask": cat_cfg(neg_mask, mask, cfg)}
 
@@ -82,6 +82,10 @@ class PixArtAdapter(FamilyAdapter):
         if denoiser.config.out_channels // 2 == latents.shape[1]:
             out = out.chunk(2, dim=1)[0]  # learned sigma: keep the noise half, as the pipeline does
         return out
+
+    def max_sequence_length(self, pipe: Any) -> int | None:
+        """PixArt's default of 120 tokens, capped by what the tokenizer holds."""
+        return min(120, pipe.tokenizer.model_max_length)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"use_resolution_binning": False, "clean_caption": False}

@@ -45,9 +45,13 @@ class MMDiTAdapter(FamilyAdapter):
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.device,
             do_classifier_free_guidance=cfg, negative_prompt=[negative] * len(prompts),
-            max_sequence_length=max_sequence_length or 256)
+            max_sequence_length=max_sequence_length or self.max_sequence_length(pipe))
         return {"encoder_hidden_states": cat_cfg(neg_embeds, embeds, cfg),
                 "pooled_projections": cat_cfg(neg_pooled, pooled, cfg)}
+
+    def max_sequence_length(self, pipe: Any) -> int | None:
+        """SD3's default of 256 T5 tokens, capped by the T5 tokenizer (the CLIP one when T5 is absent)."""
+        return min(256, (pipe.tokenizer_3 or pipe.tokenizer).model_max_length)
 
     def denoise(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
                 cond: dict[str, Any]) -> torch.Tensor:
