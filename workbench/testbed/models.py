@@ -1,0 +1,96 @@
+"""The testbed's model families: small members of the SD / PixArt / SD3 families, sized for CPU training.
+
+Images are 32×32 RGB; one shared 2× VAE maps them to 16×16×4 latents, the size at which a few-million
+parameter denoiser trains at a few steps per second on two CPU cores (../shared/design.md). Text
+encoders are trained jointly with the denoiser: tiny random encoders map captions that differ in one
+word to nearly the same embedding, which would leave the denoiser nothing to follow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
+                       PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
+
+from workbench.errors import WorkbenchError
+
+IMAGE_SIZE = 32
+LATENT_SIZE = 16
+LATENT_CHANNELS = 4
+TEXT_TOKENS = 32  # captions are short; the pipelines pad text to this length
+FAMILIES = ("unet", "dit", "mmdit")
+
+
+def build_vae(seed: int) -> AutoencoderKL:
+    """2× AutoencoderKL, 32×32×3 → 16×16×4."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+                         sample_size=IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0)
+
+
+def _clip_text(tokenizer: CLIPTokenizer, hidden: int, with_projection: bool) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusionPipeline:
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=_clip_text(tokenizer, 64, False), tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _pixart_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> PixArtAlphaPipeline:
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = PixArtTransformer2DModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS, patch_size=2,
+        num_layers=8, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
+
+
+def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=6, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=64,
+        caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=LATENT_SIZE // 2)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                    vae=vae, text_encoder=_clip_text(tokenizer, 32, True), tokenizer=tokenizer,
+                                    text_encoder_2=_clip_text(tokenizer, 32, True), tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+_BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL], Any]] = {
+    "unet": _sd_pipeline, "dit": _pixart_pipeline, "mmdit": _sd3_pipeline}
+
+
+def build_pipeline(family: str, tokenizer: CLIPTokenizer, vae: AutoencoderKL, seed: int) -> Any:
+    """A fresh (randomly initialised) testbed pipeline of `family` around a trained VAE."""
+    if family not in _BUILDERS:
+        raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    pipe = _BUILDERS[family](tokenizer, vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
