@@ -150,6 +150,72 @@ def generate(model: ModelArg,
 
 
 @app.command()
+def detect(model: ModelArg,
+           prompts: Annotated[Path, typer.Option("--prompts",
+                                                 help="Text file, one prompt per line (blank lines ignored).")],
+           calibration: Annotated[Optional[Path], typer.Option(
+               help="Non-memorized prompts, one per line: each threshold = mean + 1 std of its scores.")] = None,
+           threshold_nemo: Annotated[Optional[float], typer.Option(
+               help="NeMo noise-consistency threshold (overrides --calibration's).")] = None,
+           threshold_wen: Annotated[Optional[float], typer.Option(
+               help="Wen text-conditional noise magnitude threshold (overrides --calibration's).")] = None,
+           seeds: Annotated[Optional[int], typer.Option(
+               help="Seeds per prompt for both detectors (default: the papers', NeMo 10, Wen 4).")] = None,
+           steps: Annotated[Optional[int], typer.Option(
+               help="Scheduler steps for both detectors (default 50).")] = None,
+           json_out: JsonOpt = False, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
+           family: FamilyOpt = "auto") -> None:
+    """Score prompts for memorization (NeMo noise consistency, Wen et al. noise magnitude); give verdicts."""
+    with _user_errors():
+        from dataclasses import replace
+
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from localization.detection import NemoConfig, Thresholds, WenConfig, calibrate, read_prompts
+        from localization.detection import detect as run_detect
+
+        targets = read_prompts(prompts)
+        holdout = read_prompts(calibration) if calibration is not None else None
+        nemo = NemoConfig(**{k: v for k, v in (("n_seeds", seeds), ("steps", steps)) if v is not None})
+        wen = WenConfig(**{k: v for k, v in (("generations", seeds), ("steps", steps)) if v is not None})
+        loaded = _load(model, device, dtype, family)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=json_out, transient=True) as progress:
+            def run(items: list[str], what: str, limits: Thresholds) -> list:
+                task = progress.add_task(what, total=len(items))
+                results = []
+                for result in run_detect(loaded, items, nemo=nemo, wen=wen, thresholds=limits):
+                    results.append(result)
+                    progress.advance(task)
+                return results
+
+            given = {k: v for k, v in (("nemo", threshold_nemo), ("wen", threshold_wen)) if v is not None}
+            thresholds = Thresholds(**given, source="given") if given else Thresholds()
+            if holdout is not None and len(given) < 2:  # explicit thresholds win over calibrated ones
+                calibrated = calibrate(run(holdout, "calibrating", Thresholds()))
+                source = f"{calibrated.source}; {', '.join(given)} given" if given else calibrated.source
+                thresholds = replace(calibrated, **given, source=source)
+            results = run(targets, "detecting", thresholds)
+        rule = "memorized if any detector with a threshold flags it (score > threshold)"
+        if json_out:
+            _print_json({"model": str(model), "thresholds": thresholds.to_json(), "verdict_rule": rule,
+                         "prompts": [r.to_json() for r in results]})
+            return
+        nemo_limit, wen_limit = ("no threshold" if v is None else f"{v:.4g}" for v in (thresholds.nemo, thresholds.wen))
+        console.print(f"thresholds: NeMo {nemo_limit}, Wen {wen_limit} ({thresholds.source})", highlight=False)
+        table = Table()
+        for column in ("prompt", "NeMo", "NeMo verdict", "Wen", "Wen verdict", "verdict"):
+            table.add_column(column, justify="left" if column == "prompt" else "right")
+        verdict = {True: "[red]memorized[/]", False: "ok", None: "-"}
+        for r in results:
+            table.add_row(escape(r.prompt), f"{r.nemo.score:.4f}", verdict[r.nemo.memorized],
+                          f"{r.wen.magnitude:.4f}", verdict[r.wen.memorized], verdict[r.memorized])
+        console.print(table)
+        console.print(f"verdict: {rule}")
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="Folder for the demo's model and runs.")] = Path("demo-output"),
          json_out: JsonOpt = False) -> None:
     """The main job on what exists now: inspect, record, ablate and generate on a tiny U-Net."""

@@ -26,7 +26,7 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float in [−1, 1], the range diffusers VAEs use."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise WorkbenchError(f"expected (N, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # copy: may be read-only
 
 
 @dataclass(frozen=True)

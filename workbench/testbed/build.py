@@ -1,0 +1,69 @@
+"""Build a testbed checkpoint end to end: data → shared VAE → one family's denoiser → diffusers folder.
+
+All intermediate state lives in a work folder (resumable); the finished pipeline is written to a
+temporary sibling of `out` and renamed into place, so `out` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.testbed.captions import VOCABULARY
+from workbench.testbed.dataset import TestbedData, build_dataset
+from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
+from workbench.testbed.train import DenoiserConfig, VAEConfig, encode_latents, train_denoiser, train_vae
+from workbench.testbed.training import LoopConfig
+from workbench.testing import build_clip_tokenizer
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines a testbed checkpoint (the training command's options)."""
+
+    family: str
+    steps: int = 4000
+    lr: float = 1e-3
+    batch_size: int = 32
+    vae_steps: int = 2000
+    vae_lr: float = 1e-3
+    data_size: int = 8192
+    seed: int = 0
+
+
+def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True) -> Path:
+    """Train (or resume) and save the testbed pipeline of `config.family` to `out`."""
+    if out.exists():
+        raise WorkbenchError(f"{out} already exists; choose a new output folder")
+    data = build_dataset(config.seed, config.data_size)
+    vae = build_vae(config.seed)
+    train_vae(vae, data.images, VAEConfig(LoopConfig(steps=config.vae_steps, lr=config.vae_lr, seed=config.seed)),
+              work / f"vae-{data.fingerprint()[:12]}", show_progress)
+    tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
+    pipe = build_pipeline(config.family, tokenizer, vae, config.seed)
+    train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
+                   DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed),
+                                  batch_size=config.batch_size),
+                   work / f"{config.family}-{data.fingerprint()[:12]}", show_progress)
+    return save_pipeline(pipe, out)
+
+
+def save_pipeline(pipe, out: Path) -> Path:
+    """`save_pretrained` into a fresh sibling folder, then rename (diffusers cleans its target folder)."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # only ever our own leftover
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def dataset_for(config: BuildConfig) -> TestbedData:
+    return build_dataset(config.seed, config.data_size)
