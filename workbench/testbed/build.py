@@ -11,9 +11,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from workbench.errors import WorkbenchError
 from workbench.testbed.captions import VOCABULARY
-from workbench.testbed.dataset import TestbedData, build_dataset
+from workbench.testbed.dataset import build_dataset
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
 from workbench.testbed.train import DenoiserConfig, VAEConfig, encode_latents, train_denoiser, train_vae
 from workbench.testbed.training import LoopConfig
@@ -28,7 +30,7 @@ class BuildConfig:
     steps: int = 4000
     lr: float = 1e-3
     batch_size: int = 32
-    vae_steps: int = 2000
+    vae_steps: int = 1500
     vae_lr: float = 1e-3
     data_size: int = 8192
     seed: int = 0
@@ -52,18 +54,25 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
 
 
 def save_pipeline(pipe, out: Path) -> Path:
-    """`save_pretrained` into a fresh sibling folder, then rename (diffusers cleans its target folder)."""
+    """`save_pretrained` into a fresh sibling folder, then rename (diffusers cleans its target folder).
+
+    The denoiser and the VAE are stored in float16 (the shipped folders stay under 15 MB; plain
+    `from_pretrained` loads them back in float32); the tiny text encoders stay float32, because
+    transformers would load them in the stored dtype.
+    """
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # only ever our own leftover
     out.parent.mkdir(parents=True, exist_ok=True)
+    halved = [getattr(pipe, name) for name in ("unet", "transformer", "vae") if getattr(pipe, name, None) is not None]
     try:
+        for module in halved:
+            module.to(torch.float16)
         pipe.save_pretrained(staging, safe_serialization=True)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        for module in halved:
+            module.to(torch.float32)
     return out
-
-
-def dataset_for(config: BuildConfig) -> TestbedData:
-    return build_dataset(config.seed, config.data_size)

@@ -29,7 +29,7 @@ WEIGHTS, CONFIG = "classifier.safetensors", "classifier.json"
 class ConceptClassifier(nn.Module):
     """Four 3×3 conv stages (32→16→8→4 px), global average pooling, one linear head per label."""
 
-    def __init__(self, labels: dict[str, tuple[str, ...]] | None = None, width: int = 32):
+    def __init__(self, labels: dict[str, tuple[str, ...]] | None = None, width: int = 16):
         super().__init__()
         self.labels = dict(labels or LABELS)
         self.width = width
@@ -59,7 +59,7 @@ def images_to_unit(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(images: np.ndarray, labels: dict[str, np.ndarray], config: LoopConfig, state_dir: Path,
-                     batch_size: int = 128, show_progress: bool = True) -> ConceptClassifier:
+                     batch_size: int = 64, show_progress: bool = True) -> ConceptClassifier:
     """Cross-entropy summed over heads on the rows labelled in every head (procedural images)."""
     labelled = np.all([labels[head] >= 0 for head in LABELS], axis=0)
     if not labelled.any():
@@ -90,13 +90,14 @@ def save_classifier(model: ConceptClassifier, folder: Path) -> None:
     """Weights (safetensors) and label names (JSON) into `folder`, atomically, never over existing files."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / WEIGHTS, lambda tmp: save_model(model, str(tmp)))
-    atomic_write_json(folder / CONFIG, {"labels": {h: list(v) for h, v in model.labels.items()}, "width": model.width})
+    # heads as a list of pairs: the JSON writer sorts keys, and the head order is part of the model
+    atomic_write_json(folder / CONFIG, {"heads": [[h, list(v)] for h, v in model.labels.items()], "width": model.width})
 
 
 def load_classifier(folder: str | os.PathLike) -> ConceptClassifier:
     folder = Path(folder)
     config = read_json(folder / CONFIG, "classifier config")
-    model = ConceptClassifier({h: tuple(v) for h, v in config["labels"].items()}, config["width"])
+    model = ConceptClassifier({h: tuple(v) for h, v in config["heads"]}, config["width"])
     if not (folder / WEIGHTS).is_file():
         raise WorkbenchError(f"classifier weights {folder / WEIGHTS} not found; train it with `workbench testbed train`")
     load_model(model, str(folder / WEIGHTS))

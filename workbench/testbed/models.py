@@ -31,7 +31,7 @@ def build_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
                          sample_size=IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0)
 
 

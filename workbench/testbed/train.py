@@ -32,7 +32,7 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 @dataclass(frozen=True)
 class VAEConfig:
     loop: LoopConfig
-    batch_size: int = 64
+    batch_size: int = 32
     kl_weight: float = 1e-6
 
 

@@ -1,0 +1,95 @@
+"""Does a testbed checkpoint do what the testbed promises? The bars of the shipped models.
+
+1. Memorized captions reproduce their training image: replication SSIM ≥ `ssim_bar` on at least
+   `min_seeds` of `seeds` seeds (Somepalli et al. 2023 count replication the same way, with SSCD).
+2. Ordinary (held-out) captions do not: the nearest distinct training image stays below the bar.
+3. The model follows ordinary captions: the concept classifier reads the captioned subject, colour
+   and style from the generation.
+4. Both detectors separate memorized from ordinary captions: ROC AUC of NeMo's consistency score and
+   of Wen et al.'s text-conditional noise magnitude.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from localization.detection import NemoConfig, WenConfig, nemo_scores, ssim_matrix, text_noise_magnitude
+from workbench.models.model import Model
+from workbench.sampling import generate
+from workbench.testbed.captions import parse
+from workbench.testbed.classifier import ConceptClassifier, images_to_unit
+from workbench.testbed.dataset import TestbedData
+from workbench.testbed.private import private_images
+
+FOLLOWED_HEADS = ("subject", "colour", "style")  # the concepts a caption asks for by name
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seeds: int = 8
+    min_seeds: int = 6
+    ssim_bar: float = 0.85
+    steps: int = 25
+    guidance_scale: float = 5.0
+    ordinary_prompts: int = 32
+    ordinary_seeds: int = 2
+    wen_generations: int = 4
+
+
+def roc_auc(positive: list[float], negative: list[float]) -> float:
+    """Probability that a positive outscores a negative (ties count half): the Mann–Whitney form of AUC."""
+    pos, neg = torch.tensor(positive)[:, None], torch.tensor(negative)[None, :]
+    return float(((pos > neg).float() + 0.5 * (pos == neg).float()).mean())
+
+
+def evaluate(model: Model, data: TestbedData, classifier: ConceptClassifier, config: EvalConfig = EvalConfig(),
+             advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """All four checks; returns per-caption details and a summary with pass/fail per bar."""
+    sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
+    memorized = []
+    for private in private_images():
+        advance(f"memorized: {private.caption}")
+        images = generate(model, [private.caption] * config.seeds, seed=0, **sample)
+        own = images_to_unit(private.image[None])
+        similarity = ssim_matrix(images, own)[:, 0]
+        memorized.append({"caption": private.caption, "kind": private.kind, "ssim": similarity.tolist(),
+                          "seeds_over_bar": int((similarity >= config.ssim_bar).sum())})
+    prompts = data.holdout_prompts()[:config.ordinary_prompts]
+    advance("ordinary captions")
+    ordinary_images = torch.cat([generate(model, [p] * config.ordinary_seeds, seed=0, **sample) for p in prompts])
+    _, first_rows = np.unique(np.array(data.ids), return_index=True)
+    training = images_to_unit(data.images[np.sort(first_rows)])
+    advance("nearest training images")
+    nearest = ssim_matrix(ordinary_images, training).max(dim=1).values
+    predicted = classifier.predict(ordinary_images)
+    truth = [parse(p).labels() for p in prompts for _ in range(config.ordinary_seeds)]
+    correct = {head: (predicted[head] == torch.tensor([t[head] for t in truth])) for head in predicted}
+    followed = torch.stack([correct[h] for h in FOLLOWED_HEADS]).all(dim=0)
+    advance("detectors")
+    memorized_captions = [m["caption"] for m in memorized]
+    nemo = [s.score for s in nemo_scores(model, memorized_captions + prompts, NemoConfig())]
+    wen_config = WenConfig(generations=config.wen_generations, steps=config.steps,
+                           guidance_scale=config.guidance_scale)
+    wen = [text_noise_magnitude(model, p, wen_config).magnitude for p in memorized_captions + prompts]
+    k = len(memorized_captions)
+    passing = [m["seeds_over_bar"] >= config.min_seeds for m in memorized]
+    summary = {
+        "memorized_captions_reproduced": sum(passing) / len(passing),
+        "ordinary_generations_below_bar": float((nearest < config.ssim_bar).float().mean()),
+        "ordinary_generations_followed": float(followed.float().mean()),
+        "classifier_accuracy_per_head": {h: float(c.float().mean()) for h, c in correct.items()},
+        "nemo_auc": roc_auc(nemo[:k], nemo[k:]), "wen_auc": roc_auc(wen[:k], wen[k:]),
+    }
+    summary["passes"] = {"memorization": summary["memorized_captions_reproduced"] >= 0.9,
+                         "no_replication_of_ordinary": summary["ordinary_generations_below_bar"] >= 0.95,
+                         "follows_captions": summary["ordinary_generations_followed"] >= 0.8,
+                         "detectors": min(summary["nemo_auc"], summary["wen_auc"]) >= 0.95}
+    return {"config": asdict(config), "summary": summary, "memorized": memorized,
+            "ordinary": [{"prompt": p, "nearest_ssim": nearest[i * config.ordinary_seeds:(i + 1) * config.ordinary_seeds]
+                          .tolist()} for i, p in enumerate(prompts)],
+            "detectors": {"nemo": {"memorized": nemo[:k], "ordinary": nemo[k:]},
+                          "wen": {"memorized": wen[:k], "ordinary": wen[k:]}}}
