@@ -1,0 +1,126 @@
+"""`workbench testbed ...`: train, evaluate and describe the project's own checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from workbench.cli_support import JsonOpt, ModelArg, console, load_model, print_json, user_errors
+from workbench.errors import WorkbenchError
+
+testbed_app = typer.Typer(help="The project's own small models with planted, known memorization.",
+                          no_args_is_help=True)
+WorkOpt = Annotated[Path, typer.Option(help="Folder for resumable training state.")]
+
+
+@testbed_app.command("train")
+def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit.")],
+                  out: Annotated[Path, typer.Option(help="New folder for the trained diffusers pipeline.")],
+                  work: WorkOpt = Path("build/testbed"),
+                  steps: Annotated[int, typer.Option(help="Denoiser training steps.")] = 4000,
+                  vae_steps: Annotated[int, typer.Option(help="VAE training steps (the VAE is shared).")] = 1500,
+                  lr: Annotated[float, typer.Option(help="AdamW learning rate of the denoiser.")] = 1e-3,
+                  seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
+                  data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
+                  json_out: JsonOpt = False) -> None:
+    """Train a testbed checkpoint from scratch (deterministic; rerun the same command to resume)."""
+    with user_errors():
+        import time
+
+        from workbench.testbed.build import BuildConfig, build_checkpoint
+        from workbench.testbed.models import FAMILIES
+
+        if family not in FAMILIES:
+            raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
+        config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed)
+        start = time.perf_counter()
+        build_checkpoint(config, out, work, show_progress=not json_out)
+        result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),
+                  "config": config.__dict__}
+        if json_out:
+            print_json(result)
+        else:
+            console.print(f"wrote {out} ({family}) in {result['seconds']:.0f} s")
+
+
+@testbed_app.command("classifier")
+def testbed_classifier(out: Annotated[Path, typer.Option(help="New folder for the concept classifier.")],
+                       work: WorkOpt = Path("build/testbed"),
+                       steps: Annotated[int, typer.Option(help="Training steps.")] = 2000,
+                       seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 0,
+                       data_size: Annotated[int, typer.Option(help="Training rows of the dataset.")] = 8192,
+                       json_out: JsonOpt = False) -> None:
+    """Train the concept classifier on procedural members; report its accuracy on non-members."""
+    with user_errors():
+        from workbench.testbed.classifier import accuracy, save_classifier, train_classifier
+        from workbench.testbed.dataset import build_dataset
+        from workbench.testbed.training import LoopConfig
+
+        if out.exists():
+            raise WorkbenchError(f"{out} already exists; choose a new output folder")
+        data = build_dataset(seed, data_size)
+        model = train_classifier(data.images, data.labels, LoopConfig(steps=steps, lr=2e-3, seed=seed),
+                                 work / f"classifier-{data.fingerprint()[:12]}", show_progress=not json_out)
+        save_classifier(model, out)
+        result = {"out": str(out), "non_member_accuracy": accuracy(model, data.non_member_images,
+                                                                   data.non_member_labels)}
+        if json_out:
+            print_json(result)
+        else:
+            console.print(f"wrote {out}; accuracy on non-members: " +
+                          ", ".join(f"{k} {v:.1%}" for k, v in result["non_member_accuracy"].items()))
+
+
+@testbed_app.command("evaluate")
+def testbed_evaluate(model: ModelArg,
+                     classifier: Annotated[Path, typer.Option(help="Concept classifier folder.")] = Path(
+                         "checkpoints/classifier"),
+                     seeds: Annotated[int, typer.Option(help="Seeds per memorized caption.")] = 8,
+                     seed: Annotated[int, typer.Option(help="Seed of the dataset the model was trained on.")] = 0,
+                     data_size: Annotated[int, typer.Option(help="Training rows of that dataset.")] = 8192,
+                     json_out: JsonOpt = False) -> None:
+    """Check a testbed checkpoint against the testbed's bars (memorization, utility, detectors)."""
+    with user_errors():
+        from rich.progress import Progress
+
+        from workbench.testbed.classifier import load_classifier
+        from workbench.testbed.dataset import build_dataset
+        from workbench.testbed.evaluate import EvalConfig, evaluate
+
+        loaded, concepts = load_model(model, "cpu", "float32", "auto"), load_classifier(classifier)
+        data = build_dataset(seed, data_size)
+        with Progress(console=console, transient=True, disable=json_out) as progress:
+            task = progress.add_task("evaluating", total=None)
+            report = evaluate(loaded, data, concepts, EvalConfig(seeds=seeds),
+                              lambda text: progress.update(task, description=text))
+        if json_out:
+            print_json(report)
+            return
+        for key, value in report["summary"].items():
+            console.print(f"{key}: {value}")
+
+
+@testbed_app.command("describe")
+def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder to describe.")] = Path("checkpoints"),
+                     seed: Annotated[int, typer.Option(help="Seed of the dataset.")] = 0,
+                     data_size: Annotated[int, typer.Option(help="Training rows of the dataset.")] = 8192,
+                     overwrite: Annotated[bool, typer.Option(help="Replace an existing testbed.json.")] = False,
+                     json_out: JsonOpt = False) -> None:
+    """Write testbed.json (ground truth) and the memorized training images beside the checkpoints."""
+    with user_errors():
+        from workbench.testbed.dataset import build_dataset
+        from workbench.testbed.describe import describe
+        from workbench.testbed.models import FAMILIES
+
+        checkpoints = {family: family for family in FAMILIES if (out / family / "model_index.json").is_file()}
+        description = describe(build_dataset(seed, data_size), out, checkpoints, "classifier", seed, data_size,
+                               overwrite=overwrite)
+        if json_out:
+            print_json(description)
+        else:
+            console.print(f"wrote {out / 'testbed.json'}: {len(description['memorized'])} memorized captions, "
+                          f"checkpoints {', '.join(checkpoints) or 'none yet'}")
+
+
