@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,3 +90,26 @@ def load_tensors(path: str | os.PathLike, file_format: str, what: str, writer: s
             return {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as err:
         raise WorkbenchError(f"{what} {path} is corrupt ({err}); write it again") from None
+
+
+def save_pretrained_atomically(pipeline: Any, out: Path) -> Path:
+    """`pipeline.save_pretrained` into a fresh hidden sibling folder, then rename it to `out`.
+
+    diffusers cleans the folder it saves into, so it never sees a user's folder; an interrupted save
+    leaves `out` absent. `out` must not exist or be an empty folder (callers check first).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+    # pipelines without an optional component (SD3 without T5) log that it "cannot be saved": expected
+    save_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    level = save_logger.level
+    save_logger.setLevel(logging.ERROR)
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        save_logger.setLevel(level)
+    return out

@@ -14,11 +14,8 @@ vocabulary is generated locally from a word list.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+
+from workbench.io import save_pretrained_atomically
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -380,21 +379,7 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0) ->
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not an empty folder; not saving over it")
     pipe = tiny_pipeline(family, seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex}"
-    # SD3 warns that text_encoder_3=None / tokenizer_3=None "cannot be saved": expected here.
-    save_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
-    level = save_logger.level
-    save_logger.setLevel(logging.ERROR)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        save_logger.setLevel(level)
-    return target
+    return save_pretrained_atomically(pipe, target)
 
 
 def call_kwargs(family: str) -> dict[str, Any]:

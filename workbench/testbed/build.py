@@ -6,14 +6,13 @@ temporary sibling of `out` and renamed into place, so `out` is either complete o
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.io import save_pretrained_atomically
 from workbench.testbed.captions import VOCABULARY
 from workbench.testbed.dataset import build_dataset
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
@@ -54,25 +53,17 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
 
 
 def save_pipeline(pipe, out: Path) -> Path:
-    """`save_pretrained` into a fresh sibling folder, then rename (diffusers cleans its target folder).
+    """Save atomically (`save_pretrained_atomically`).
 
     The denoiser and the VAE are stored in float16 (the shipped folders stay under 15 MB; plain
     `from_pretrained` loads them back in float32); the tiny text encoders stay float32, because
     transformers would load them in the stored dtype.
     """
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # only ever our own leftover
-    out.parent.mkdir(parents=True, exist_ok=True)
     halved = [getattr(pipe, name) for name in ("unet", "transformer", "vae") if getattr(pipe, name, None) is not None]
     try:
         for module in halved:
             module.to(torch.float16)
-        pipe.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return save_pretrained_atomically(pipe, out)
     finally:
         for module in halved:
             module.to(torch.float32)
-    return out
