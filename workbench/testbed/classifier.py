@@ -8,7 +8,6 @@ artefacts are still read; accuracy is measured on the non-members.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
