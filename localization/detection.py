@@ -24,8 +24,8 @@ Two detectors that need no training data, and replication metrics that do:
    measured inside an ordinary CFG sampling loop (DDIM, 50 steps, guidance 7.5, G = 4 generations).
 3. **Replication** against training images: nearest neighbour by SSIM (Wang et al. 2004) and pixel
    L2, as used to count replications by Somepalli et al. (CVPR 2023) and Carlini et al. (USENIX
-   Security 2023). Learned similarities (SSCD, CLIP, LPIPS) need local weights; loading them is not
-   implemented yet.
+   Security 2023). A learned similarity (CLIP, from a local folder) is added on request
+   (`localization.similarity`).
 
 Thresholds are calibrated per model: mean + k·std of a detector's scores on non-memorized prompts
 (`calibrate_threshold`). NeMo's published 0.428 (`NEMO_SD14_THRESHOLD`) holds for SD 1.4 only.
@@ -48,6 +48,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure as ssim,
 )
 
+from localization.similarity import LEARNED_METRICS, check_learned_metric, learned_similarity
 from workbench.errors import WorkbenchError
 from workbench.models.model import Model
 from workbench.sampling import Conditioning, cfg_layout, encode, generate, uses_cfg
@@ -56,7 +57,6 @@ NEMO_SD14_THRESHOLD = 0.428
 """NeMo's published threshold: mean + 1 std of the pairwise score on unmemorized LAION prompts for
 Stable Diffusion 1.4 (reference README). Valid for that model only; never a default here."""
 
-LEARNED_METRICS = ("sscd", "clip", "lpips")
 SCHEDULERS = ("auto", "ddim", "pipeline")
 
 
@@ -156,8 +156,8 @@ class ReplicationConfig:
     sigma: float = field(default=1.5, metadata=_help(
         "SSIM Gaussian window sigma: 1.5 = 11 taps (Wang et al. 2004); works for images >= 6 px a side"))
     learned: tuple[str, ...] = field(default=(), metadata=_help(
-        f"learned similarities to add ({', '.join(LEARNED_METRICS)}); each needs local weights"))
-    weights: str | None = field(default=None, metadata=_help("local weights file for the learned metric"))
+        f"learned similarities to add (of {', '.join(LEARNED_METRICS)}; clip works); each needs local weights"))
+    weights: str | None = field(default=None, metadata=_help("local weights folder of the learned metric"))
 
     def __post_init__(self) -> None:
         if self.sigma <= 0:
@@ -599,11 +599,14 @@ class Replication:
     l2_index: torch.Tensor
     l2: torch.Tensor
     config: ReplicationConfig
+    learned: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # metric -> (index, sim)
 
     def to_json(self) -> dict[str, Any]:
         return {"nearest_by_ssim": self.ssim_index.tolist(), "ssim": self.ssim.tolist(),
                 "nearest_by_l2": self.l2_index.tolist(), "l2": self.l2.tolist(),
-                "ssim_window": {"sigma": self.config.sigma, "kernel_size": self.config.kernel_size}}
+                "ssim_window": {"sigma": self.config.sigma, "kernel_size": self.config.kernel_size},
+                **{f"nearest_by_{m}": index.tolist() for m, (index, _) in self.learned.items()},
+                **{m: similarity.tolist() for m, (_, similarity) in self.learned.items()}}
 
 
 def _check_images(images: torch.Tensor, what: str) -> torch.Tensor:
@@ -640,28 +643,12 @@ def nearest_training_images(generated: torch.Tensor, training: torch.Tensor,
     if min(generated.shape[-2:]) <= config.kernel_size // 2:
         raise WorkbenchError(f"images of {tuple(generated.shape[-2:])} are too small for an SSIM window of "
                              f"{config.kernel_size}; lower ReplicationConfig.sigma")
+    learned = {}
     for metric in config.learned:
-        learned_similarity(generated, training, metric, config.weights)
+        best, index = learned_similarity(generated, training, metric, config.weights).max(dim=1)
+        learned[metric] = (index, best)
     similarity = ssim_matrix(generated, training, config.sigma)
     distance = torch.cdist(generated.flatten(1), training.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
     best_ssim, ssim_index = similarity.max(dim=1)
     best_l2, l2_index = distance.min(dim=1)
-    return Replication(ssim_index, best_ssim, l2_index, best_l2, config)
-
-
-def check_learned_metric(metric: str, weights: str | Path | None) -> None:
-    """Fail early for a learned similarity that cannot run: unknown, or without local weights."""
-    if metric not in LEARNED_METRICS:
-        raise WorkbenchError(f"unknown learned metric {metric!r}; use one of {', '.join(LEARNED_METRICS)}")
-    if weights is None:
-        raise WorkbenchError(f"{metric} needs local weights (nothing is downloaded); pass the path to a local "
-                             f"{metric} weights file, or use the SSIM / L2 metrics")
-    if not Path(weights).is_file():
-        raise WorkbenchError(f"{metric} weights {weights} not found; give the path to a local weights file")
-
-
-def learned_similarity(generated: torch.Tensor, training: torch.Tensor, metric: str,
-                       weights: str | Path | None = None) -> torch.Tensor:
-    """SSCD / CLIP / LPIPS similarity: needs local weights; loading them is not implemented yet."""
-    check_learned_metric(metric, weights)
-    raise WorkbenchError(f"loading {metric} weights is not implemented yet; use the SSIM / L2 metrics")
+    return Replication(ssim_index, best_ssim, l2_index, best_l2, config, learned)

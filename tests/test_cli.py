@@ -17,6 +17,9 @@ def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
 def _fails_cleanly(result, match):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -109,13 +112,21 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.exit_code != 0 and result.exception is not None
 
 
-def test_demo_runs_the_main_job(tmp_path):
-    result = _run("demo", "--out", tmp_path, "--json")
+def test_demo_finds_memorization_in_the_shipped_unet(tmp_path):
+    result = _run("demo", "--out", tmp_path, "--checkpoints", SHIPPED, "--seeds", "2", "--calibration", "2", "--ordinary", "1",
+                  "--memorized", "1", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["family"] == "unet" and summary["ablated"]["neurons"] > 0
-    change = summary["pixel_change"]
-    assert max(change["empty_set"]) == 0
-    assert min(change["most_active"]) > 0 and min(change["random_control"]) > 0
-    for path in summary["files"].values():
-        assert Path(path).exists()
+    memorized, ordinary = summary["captions"]
+    assert memorized["kind"] == "verbatim" and ordinary["kind"] == "ordinary"
+    assert "private-astronaut" in memorized["nearest_training_id"]  # the caption brings back its own photo
+    assert max(memorized["replication_ssim"]) > max(ordinary["replication_ssim"])
+    assert memorized["nemo"] > ordinary["nemo"]
+    assert all(isinstance(summary["thresholds"][k], float) for k in ("nemo", "wen"))
+    page = Path(summary["files"]["page"]).read_text()
+    assert page.count("<img ") == (1 + 2 + 1) + (2 + 1)  # training image, generations, nearest; no own image
+    assert json.loads(Path(summary["files"]["summary"]).read_text()) == summary
+
+
+def test_demo_without_checkpoints_says_where_to_run(tmp_path):
+    _fails_cleanly(_run("demo", "--out", tmp_path, "--checkpoints", tmp_path / "none"), "repository root")

@@ -17,7 +17,6 @@ from localization.detection import (
     consistency,
     gaussian_taps,
     initial_latents,
-    learned_similarity,
     minmax_per_channel,
     msssim_window,
     nearest_training_images,
@@ -27,6 +26,7 @@ from localization.detection import (
     ssim_matrix,
     text_noise_magnitude,
 )
+from localization.similarity import learned_similarity
 from workbench.cli import app
 from workbench.errors import WorkbenchError
 from workbench.sampling import predict
@@ -204,9 +204,11 @@ def test_ssim_matrix_pairs_each_generation_with_each_training_image():
     (lambda: NemoConfig(scheduler="euler"), "scheduler"),
     (lambda: WenConfig(guidance_scale=1.0), "unconditional"),
     (lambda: WenConfig(measure_steps=(50,)), "measure_steps"),
-    (lambda: ReplicationConfig(learned=("sscd",)), "needs local weights"),
+    (lambda: ReplicationConfig(learned=("clip",)), "needs local weights"),
+    (lambda: ReplicationConfig(learned=("clip",), weights="/nonexistent"), "not a local CLIP folder"),
+    (lambda: ReplicationConfig(learned=("sscd",), weights="x"), "TorchScript"),
     (lambda: ReplicationConfig(learned=("dino",), weights="x"), "unknown learned metric"),
-    (lambda: learned_similarity(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), "lpips"), "needs local weights"),
+    (lambda: learned_similarity(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), "lpips", "x"), "torchvision"),
     (lambda: nearest_training_images(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 16, 16)), "resize"),
     (lambda: nearest_training_images(torch.full((1, 3, 32, 32), 255.0), torch.zeros(1, 3, 32, 32)), "255"),
 ])
@@ -254,3 +256,30 @@ def test_cli_detect_empty_prompts_file_exits_2(tiny_folders, tmp_path, content):
     result = runner.invoke(app, ["detect", str(tiny_folders["unet"]), "--prompts", str(prompts)])
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "has no prompts" in result.stderr
+
+
+def test_cli_detect_wen_first_step_measures_one_step(tiny_folders, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    result = runner.invoke(app, ["detect", str(tiny_folders["unet"]), "--prompts", str(prompts), "--seeds", "2",
+                                 "--steps", "4", "--wen-first-step", "--json"])
+    assert result.exit_code == 0, result.output
+    wen = json.loads(result.stdout)["prompts"][0]["wen"]
+    assert wen["steps"] == [0] and len(wen["per_step"]) == 1 and wen["config"]["measure_steps"] == [0]
+
+
+def test_clip_replication_from_a_local_folder_finds_the_copy(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(tmp_path / "clip")
+    training = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    generated = training[[3, 0]]
+    config = ReplicationConfig(learned=("clip",), weights=str(tmp_path / "clip"))
+    result = nearest_training_images(generated, training, config)
+    index, similarity = result.learned["clip"]
+    assert index.tolist() == [3, 0] and torch.allclose(similarity, torch.ones(2), atol=1e-5)
+    assert result.to_json()["nearest_by_clip"] == [3, 0]
+    assert learned_similarity(training, training, "clip", tmp_path / "clip").shape == (5, 5)

@@ -68,12 +68,15 @@ def test_roc_auc():
 
 def test_evaluate_reports_every_bar(trained):
     model = workbench.load(trained / "unet")
-    config = EvalConfig(seeds=2, min_seeds=1, steps=2, ordinary_prompts=2, ordinary_seeds=1, wen_generations=1)
+    config = EvalConfig(seeds=2, min_seeds=1, steps=2, ordinary_prompts=2, ordinary_seeds=1, wen_generations=1,
+                        wen_steps=2)
     report = evaluate(model, build_dataset(0, 64), ConceptClassifier(), config)
     summary = report["summary"]
     assert set(summary["passes"]) == {"memorization", "no_replication_of_ordinary", "follows_captions", "detectors"}
     assert len(report["memorized"]) == 20 and all(len(m["ssim"]) == 2 for m in report["memorized"])
-    assert 0 <= summary["nemo_auc"] <= 1 and 0 <= summary["wen_auc"] <= 1
+    assert 0 <= summary["nemo_auc"] <= 1 and 0 <= summary["wen_auc"] <= 1 and 0 <= summary["wen_first_step_auc"] <= 1
+    wen = report["detectors"]["wen"]
+    assert len(wen["memorized"]) == 20 and len(wen["ordinary"]) == 2
     json.dumps(report)  # the CLI prints it
 
 

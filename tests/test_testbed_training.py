@@ -1,5 +1,7 @@
 """The testbed trainer: deterministic, resumable, and it learns (short CPU runs on small data)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,33 @@ def test_resuming_with_other_settings_is_refused(vae_and_latents, tmp_path):
     with pytest.raises(WorkbenchError, match="different lr"):
         train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=2, lr=5e-4), batch_size=2), tmp_path,
                        show_progress=False)
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine_to_its_floor():
+    config = LoopConfig(steps=110, lr=1.0, warmup=10, final_lr_fraction=0.1)
+    assert [config.lr_at(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert config.lr_at(10) == pytest.approx(1.0)  # decay starts after warm-up
+    assert config.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(π/2) = 0
+    assert config.lr_at(110) == pytest.approx(0.1) and config.lr_at(500) == pytest.approx(0.1)
+    constant = LoopConfig(steps=110, lr=1.0, warmup=10)
+    assert {constant.lr_at(s) for s in range(10, 110)} == {1.0}
+    with pytest.raises(WorkbenchError, match="final_lr_fraction"):
+        LoopConfig(steps=1, final_lr_fraction=1.5)
+
+
+def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(vae_and_latents, tmp_path):
+    vae, latents = vae_and_latents
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    pipe = build_pipeline("unet", tokenizer, vae, seed=0)
+    captions = ["a red circle"] * 8
+    train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=1), batch_size=2), tmp_path,
+                   show_progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["config"]["final_lr_fraction"]  # as written by the first trainer
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=2), batch_size=2), tmp_path,
+                   show_progress=False)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+    with pytest.raises(WorkbenchError, match="different final_lr_fraction"):
+        train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=3, final_lr_fraction=0.5),
+                                                               batch_size=2), tmp_path, show_progress=False)

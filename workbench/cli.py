@@ -125,6 +125,9 @@ def detect(model: ModelArg,
                help="Seeds per prompt for both detectors (default: the papers', NeMo 10, Wen 4).")] = None,
            steps: Annotated[Optional[int], typer.Option(
                help="Scheduler steps for both detectors (default 50).")] = None,
+           wen_first_step: Annotated[bool, typer.Option(
+               "--wen-first-step", help="Wen magnitude at the first step only (cheap mode; sampling stops there).")]
+           = False,
            json_out: JsonOpt = False, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
            family: FamilyOpt = "auto") -> None:
     """Score prompts for memorization (NeMo noise consistency, Wen et al. noise magnitude); give verdicts."""
@@ -140,7 +143,8 @@ def detect(model: ModelArg,
         targets = read_prompts(prompts)
         holdout = read_prompts(calibration) if calibration is not None else None
         nemo = NemoConfig(**{k: v for k, v in (("n_seeds", seeds), ("steps", steps)) if v is not None})
-        wen = WenConfig(**{k: v for k, v in (("generations", seeds), ("steps", steps)) if v is not None})
+        wen_options = {k: v for k, v in (("generations", seeds), ("steps", steps)) if v is not None}
+        wen = WenConfig.first_step(**wen_options) if wen_first_step else WenConfig(**wen_options)
         loaded = load_model(model, device, dtype, family)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, disable=json_out, transient=True) as progress:
@@ -178,13 +182,21 @@ def detect(model: ModelArg,
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="Folder for the demo's model and runs.")] = Path("demo-output"),
+def demo(out: Annotated[Path, typer.Option(help="Folder for the demo's runs (each in a new runs/<time>/).")]
+         = Path("demo-output"),
+         checkpoints: Annotated[Path, typer.Option(help="Folder with testbed.json and the shipped checkpoints.")]
+         = Path("checkpoints"),
+         seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 4,
+         calibration: Annotated[int, typer.Option(help="Held-out captions to calibrate the thresholds on.")] = 16,
+         ordinary: Annotated[int, typer.Option(help="Further held-out captions to score and generate.")] = 8,
+         memorized: Annotated[Optional[int], typer.Option(help="Memorized captions to show (default all).")] = None,
          json_out: JsonOpt = False) -> None:
-    """The main job on what exists now: inspect, record, ablate and generate on a tiny U-Net."""
+    """The main job: detect, generate and show memorization in the shipped U-Net; writes an HTML page."""
     with user_errors():
-        from workbench.demo import print_summary, run_demo
+        from workbench.demo import DemoConfig, print_summary, run_demo
 
-        summary = run_demo(out, console=None if json_out else console)
+        config = DemoConfig(seeds=seeds, calibration=calibration, ordinary=ordinary, memorized=memorized)
+        summary = run_demo(checkpoints, out, config, console=None if json_out else console)
         if json_out:
             print_json(summary)
         else:

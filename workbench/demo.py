@@ -1,127 +1,216 @@
-"""The main job (`make demo`): inspect, record, ablate and generate on the tiny U-Net.
+"""The main job (`make demo`): memorization in the shipped U-Net, found, scored and shown.
 
-Until the project ships trained checkpoints, the demo builds a tiny random-weight SD-style pipeline
-(saved once under the output folder) and shows the whole loop on it: the neuron graph, value-neuron
-statistics, the effect of ablating the most active value neurons against a random control with the
-same per-layer counts, and that an empty ablation changes nothing.
+On the shipped testbed U-Net (`checkpoints/unet`, ground truth in `checkpoints/testbed.json`) the demo
+calibrates both detectors (NeMo noise consistency, Wen et al.'s noise magnitude; mean + 1 std) on
+held-out ordinary captions, scores the memorized captions and other ordinary captions, generates each
+caption over several seeds, finds every generation's nearest training image (SSIM and pixel L2), and
+writes a self-contained HTML page with the generations next to the training images.
 """
 
 from __future__ import annotations
 
+import html
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 import workbench
-from workbench.graph import NeuronGraph
-from workbench.intervene import ablate, record
-from workbench.io import atomic_write_json
-from workbench.models.sites import Role
-from workbench.neurons import NeuronSet
-from workbench.sampling import generate, save_image
-from workbench.stats import save_stats
-from workbench.testing import save_tiny_pipeline
+from localization.detection import Detection, Thresholds, calibrate, detect, nearest_training_images
+from workbench.errors import WorkbenchError
+from workbench.html_page import figure, page, table as html_table
+from workbench.io import atomic_write_json, atomic_write_text, read_json
+from workbench.sampling import generate
+from workbench.testbed.classifier import images_to_unit
+from workbench.testbed.dataset import build_dataset
 
-PROMPTS = ("a red circle", "a photo of a cat", "a blue square in the city", "a painting of a horse")
-GENERATION = {"steps": 10, "guidance_scale": 5.0, "seed": 0}
-TOP_FRACTION = 0.1  # share of each value site's neurons ablated
+REPLICATION_BAR = 0.85  # SSIM at which a generation counts as a copy of a training image (issue 3's bar)
 
 
-def most_active(stats: dict, graph: NeuronGraph, fraction: float) -> NeuronSet:
-    """Per site, the `fraction` of neurons with the largest mean |activation|."""
-    chosen = {}
-    for path, s in stats.items():
-        k = max(1, round(fraction * graph.site(path).out_features))
-        chosen[path] = torch.topk(s.mean_abs, k).indices.tolist()
-    return NeuronSet(chosen)
+@dataclass(frozen=True)
+class DemoConfig:
+    """How much the demo does; the defaults take a few minutes on two CPU cores."""
+
+    seeds: int = 4  # generations per caption
+    calibration: int = 16  # held-out captions the thresholds are calibrated on
+    ordinary: int = 8  # further held-out captions scored and generated
+    memorized: int | None = None  # memorized captions to show; None = all
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.calibration < 2 or self.ordinary < 1 or (self.memorized or 1) < 1:
+            raise WorkbenchError("the demo needs seeds >= 1, calibration >= 2, ordinary >= 1 and memorized >= 1")
 
 
-def random_like(neurons: NeuronSet, graph: NeuronGraph, seed: int) -> NeuronSet:
-    """A random set with the same number of neurons per site."""
-    generator = torch.Generator().manual_seed(seed)
-    return NeuronSet({path: torch.randperm(graph.site(path).out_features, generator=generator)[:len(idx)].tolist()
-                      for path, idx in neurons.items()})
+def read_testbed(checkpoints: Path) -> dict[str, Any]:
+    """`checkpoints/testbed.json`, checked to list a U-Net checkpoint that exists."""
+    if not (checkpoints / "testbed.json").is_file():
+        raise WorkbenchError(f"{checkpoints / 'testbed.json'} not found; run from the repository root or pass "
+                             "--checkpoints FOLDER")
+    testbed = read_json(checkpoints / "testbed.json", "testbed description")
+    unet = testbed.get("checkpoints", {}).get("unet")
+    if unet is None or not (checkpoints / unet).is_dir():
+        raise WorkbenchError(f"{checkpoints / 'testbed.json'} lists no U-Net checkpoint; train one with "
+                             "`workbench testbed train unet` and list it with `workbench testbed describe`")
+    return testbed
 
 
-def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack rows of (n, 3, H, W) images into one (3, rows·H, n·W) image."""
-    return torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
+def training_images(testbed: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """Every distinct training image (in [0, 1]) and its id, regenerated and checked by fingerprint."""
+    spec = testbed["data"]
+    data = build_dataset(spec["seed"], spec["size"])
+    if data.fingerprint() != spec["fingerprint"]:
+        raise WorkbenchError("the regenerated training data does not match testbed.json's fingerprint; "
+                             "use the workbench version the checkpoints were built with")
+    _, first = np.unique(np.array(data.ids), return_index=True)
+    first = np.sort(first)
+    return images_to_unit(data.images[first]), [data.ids[i] for i in first]
 
 
-def run_demo(out: Path, console: Console | None = None) -> dict[str, Any]:
-    """Run the demo; write its files under `out/runs/<time>/` and return the summary."""
-    model_dir = out / "tiny-unet"
-    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    if not model_dir.exists():
-        save_tiny_pipeline("unet", model_dir)
-    run_dir.mkdir(parents=True, exist_ok=False)
+def load_png(path: Path) -> torch.Tensor:
+    return images_to_unit(np.asarray(Image.open(path).convert("RGB"))[None])[0]
+
+
+def caption_rows(testbed: dict[str, Any], config: DemoConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """The captions to show (memorized, then ordinary) and the calibration captions."""
+    memorized = testbed["memorized"][:config.memorized]
+    holdout = testbed["holdout_prompts"]
+    if len(holdout) < config.calibration + config.ordinary:
+        raise WorkbenchError(f"testbed.json has {len(holdout)} held-out prompts; ask for at most that many "
+                             "calibration + ordinary captions")
+    rows = [{"caption": m["caption"], "kind": m["kind"], "image": m["image"]} for m in memorized]
+    rows += [{"caption": p, "kind": "ordinary", "image": None}
+             for p in holdout[config.calibration:config.calibration + config.ordinary]]
+    return rows, holdout[:config.calibration]
+
+
+def new_run_folder(out: Path) -> Path:
+    """A new, empty `out/runs/<time>[-n]/`: earlier runs are never touched."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        run_dir = out / "runs" / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise WorkbenchError(f"could not create a new run folder under {out / 'runs'}; clean it up or pass --out")
+
+
+def run_demo(checkpoints: Path, out: Path, config: DemoConfig = DemoConfig(),
+             console: Console | None = None) -> dict[str, Any]:
+    """Run the demo; write `page.html` and `summary.json` to a new `out/runs/<time>/`; return the summary."""
+    testbed = read_testbed(checkpoints)
+    rows, calibration = caption_rows(testbed, config)
+    run_dir = new_run_folder(out)
     progress = Progress(console=console, transient=True) if console else nullcontext()
     with progress:
-        task = progress.add_task("demo", total=6) if console else None
-        advance = (lambda text: progress.update(task, advance=1, description=text)) if console \
-            else (lambda text: None)
-        model = workbench.load(model_dir)
-        graph = model.graph
-        graph.save(run_dir / "graph.json")
-        advance("recording value neurons")
-        values = graph.select(roles=[Role.CROSS_ATTN_VALUE])
-        with record(model, values, branch="cond") as recording:
-            baseline = generate(model, PROMPTS, **GENERATION)
-        save_stats(recording.stats, run_dir / "value_stats.safetensors")
-        advance("ablating the most active value neurons")
-        top = most_active(recording.stats, graph, TOP_FRACTION)
-        control = random_like(top, graph, seed=1)
-        top.save(run_dir / "ablated_neurons.json")
-        with ablate(model, top):
-            ablated = generate(model, PROMPTS, **GENERATION)
-        advance("random control")
-        with ablate(model, control):
-            controlled = generate(model, PROMPTS, **GENERATION)
-        advance("empty ablation")
-        with ablate(model, NeuronSet()):
-            unchanged = generate(model, PROMPTS, **GENERATION)
-        advance("writing images")
-        save_image(image_grid([baseline, ablated, controlled]), run_dir / "grid.png")
-        graph.annotate(top, "demo_mean_abs", {p: recording.stats[p].mean_abs[list(i)] for p, i in top.items()})
-        advance("done")
-    change = lambda images: (images - baseline).abs().mean(dim=(1, 2, 3)).tolist()  # noqa: E731
-    summary = {
-        "model": str(model_dir), "run": str(run_dir), "family": model.family,
-        "graph": {k: graph.summary()[k] for k in ("sites", "neurons", "roles")},
-        "prompts": list(PROMPTS), "generation": GENERATION,
-        "recorded_sites": len(values), "recorded_values_per_site": int(recording.stats[values[0].path].count),
-        "ablated": {"neurons": len(top), "sites": len(top.sites), "fraction_per_site": TOP_FRACTION},
-        "pixel_change": {"most_active": change(ablated), "random_control": change(controlled),
-                         "empty_set": change(unchanged)},
-        "files": {name: str(run_dir / name) for name in
-                  ("graph.json", "value_stats.safetensors", "ablated_neurons.json", "grid.png")},
-    }
+        task = progress.add_task("demo", total=len(calibration) + 2 * len(rows) + 2) if console else None
+        advance: Callable[[str], None] = ((lambda text: progress.update(task, advance=1, description=text))
+                                          if console else (lambda text: None))
+        model = workbench.load(checkpoints / testbed["checkpoints"]["unet"])
+        advance("regenerating the training images")
+        training, ids = training_images(testbed)
+        calibrated = []
+        for result in detect(model, calibration):
+            calibrated.append(result)
+            advance(f"calibrating: {result.prompt}")
+        thresholds = calibrate(calibrated)
+        detections: list[Detection] = []
+        for result in detect(model, [r["caption"] for r in rows], thresholds=thresholds):
+            detections.append(result)
+            advance(f"detecting: {result.prompt}")
+        generation = testbed["generation"]
+        for row, detection in zip(rows, detections):
+            advance(f"generating: {row['caption']}")
+            images = generate(model, [row["caption"]] * config.seeds, seed=0, steps=generation["steps"],
+                              guidance_scale=generation["guidance"])
+            nearest = nearest_training_images(images, training)
+            row.update(images=images, nearest=nearest, detection=detection)
+    summary = summarize(rows, thresholds, testbed, config, checkpoints, run_dir, ids)
+    atomic_write_text(run_dir / "page.html", html_report(rows, training, checkpoints, summary))
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
+def summarize(rows: list[dict[str, Any]], thresholds: Thresholds, testbed: dict[str, Any], config: DemoConfig,
+              checkpoints: Path, run_dir: Path, ids: list[str]) -> dict[str, Any]:
+    captions = []
+    for row in rows:
+        nearest, detection = row["nearest"], row["detection"]
+        captions.append({
+            "caption": row["caption"], "kind": row["kind"],
+            "replication_ssim": nearest.ssim.tolist(), "nearest_training_id": [ids[i] for i in nearest.ssim_index],
+            "replication_l2": nearest.l2.tolist(),
+            "seeds_over_bar": int((nearest.ssim >= REPLICATION_BAR).sum()),
+            "nemo": detection.nemo.score, "nemo_memorized": detection.nemo.memorized,
+            "wen": detection.wen.magnitude, "wen_memorized": detection.wen.memorized,
+            "memorized_verdict": detection.memorized})
+    memorized = [c for c in captions if c["kind"] != "ordinary"]
+    ordinary = [c for c in captions if c["kind"] == "ordinary"]
+    flagged = lambda group: sum(bool(c["memorized_verdict"]) for c in group)  # noqa: E731
+    return {
+        "model": str(checkpoints / testbed["checkpoints"]["unet"]), "run": str(run_dir),
+        "config": asdict(config), "generation": testbed["generation"], "replication_bar": REPLICATION_BAR,
+        "thresholds": thresholds.to_json(),
+        "flagged": {"memorized": f"{flagged(memorized)}/{len(memorized)}",
+                    "ordinary": f"{flagged(ordinary)}/{len(ordinary)}"},
+        "captions": captions,
+        "files": {"page": str(run_dir / "page.html"), "summary": str(run_dir / "summary.json")},
+    }
+
+
+def _verdict_html(flag: bool | None) -> str:
+    return {True: '<span class="bad">memorized</span>', False: '<span class="good">ok</span>', None: "-"}[flag]
+
+
+def html_report(rows: list[dict[str, Any]], training: torch.Tensor, checkpoints: Path,
+                summary: dict[str, Any]) -> str:
+    """The page: per caption, its training image, the generations with their nearest-image SSIM, verdicts."""
+    thresholds = summary["thresholds"]
+    intro = (f"<p>Model <code>{html.escape(summary['model'])}</code>; {summary['config']['seeds']} seeds per "
+             f"caption, {summary['generation']['steps']} steps, guidance {summary['generation']['guidance']}. "
+             f"Thresholds (mean + 1 std over {summary['config']['calibration']} held-out captions): NeMo "
+             f"{thresholds['nemo']:.4f}, Wen {thresholds['wen']:.4f}. A generation replicates a training image "
+             f"when its SSIM to it is at least {summary['replication_bar']}.</p>")
+    body = []
+    for row, caption in zip(rows, summary["captions"]):
+        own = figure(load_png(checkpoints / row["image"]), "training image") if row["image"] else ""
+        generated = "".join(
+            figure(image, f"SSIM {ssim:.2f}" + (" copy" if ssim >= REPLICATION_BAR else ""))
+            for image, ssim in zip(row["images"], caption["replication_ssim"]))
+        nearest = "".join(figure(training[i], "nearest") for i in row["nearest"].ssim_index[:1])
+        scores = (f"NeMo {caption['nemo']:.3f} {_verdict_html(caption['nemo_memorized'])}<br>"
+                  f"Wen {caption['wen']:.3f} {_verdict_html(caption['wen_memorized'])}")
+        body.append([f"{html.escape(caption['caption'])}<br><i>{caption['kind']}</i>", own, generated,
+                     nearest, scores, _verdict_html(caption["memorized_verdict"])])
+    return page("workbench: memorization in the shipped U-Net",
+                [intro, html_table(["caption", "training image", "generations (nearest-training SSIM)",
+                               "nearest to seed 0", "detectors", "verdict"], body)])
+
+
 def print_summary(summary: dict[str, Any], console: Console) -> None:
-    graph = summary["graph"]
-    console.print(f"[bold]model[/] {summary['model']} (family {summary['family']}): {graph['sites']} sites, "
-                  f"{graph['neurons']:,} neurons, {graph['roles']['cross_attn_value']['sites']} cross-attention "
-                  f"value sites")
-    console.print(f"recorded {summary['recorded_sites']} value sites over {len(summary['prompts'])} prompts "
-                  f"({summary['recorded_values_per_site']:,} activations per neuron, conditional branch)")
-    console.print(f"ablated {summary['ablated']['neurons']} neurons (top {summary['ablated']['fraction_per_site']:.0%}"
-                  f" by mean |activation| in each value site) and a random control of the same per-site counts")
-    table = Table(title="mean |pixel change| against the un-ablated image (0..1 scale)")
-    for column in ("prompt", "most active", "random control", "empty set"):
-        table.add_column(column, justify="left" if column == "prompt" else "right")
-    change = summary["pixel_change"]
-    for i, prompt in enumerate(summary["prompts"]):
-        table.add_row(prompt, f"{change['most_active'][i]:.4f}", f"{change['random_control'][i]:.4f}",
-                      f"{change['empty_set'][i]:.4f}")
+    thresholds = summary["thresholds"]
+    console.print(f"[bold]model[/] {summary['model']}; thresholds NeMo {thresholds['nemo']:.4f}, "
+                  f"Wen {thresholds['wen']:.4f} ({thresholds['source']})", highlight=False)
+    table = Table(title=f"replication (nearest training image, SSIM ≥ {summary['replication_bar']} = copy) "
+                         "and detector verdicts")
+    for column in ("caption", "kind", "mean SSIM", "copies", "NeMo", "Wen", "verdict"):
+        table.add_column(column, justify="left" if column in ("caption", "kind") else "right")
+    verdict = {True: "[red]memorized[/]", False: "ok", None: "-"}
+    for c in summary["captions"]:
+        table.add_row(escape(c["caption"]), c["kind"], f"{sum(c['replication_ssim']) / len(c['replication_ssim']):.2f}",
+                       f"{c['seeds_over_bar']}/{len(c['replication_ssim'])}", f"{c['nemo']:.3f}", f"{c['wen']:.3f}",
+                       verdict[c["memorized_verdict"]])
     console.print(table)
-    console.print(f"files in {summary['run']}: grid.png (rows: original, ablated, random control), "
-                  "graph.json, value_stats.safetensors, ablated_neurons.json, summary.json")
+    console.print(f"flagged as memorized: {summary['flagged']['memorized']} memorized captions, "
+                  f"{summary['flagged']['ordinary']} ordinary captions")
+    console.print(f"page: {summary['files']['page']}  (open it in a browser); summary: {summary['files']['summary']}")

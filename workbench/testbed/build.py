@@ -26,13 +26,14 @@ class BuildConfig:
     """Everything that determines a testbed checkpoint (the training command's options)."""
 
     family: str
-    steps: int = 4000
+    steps: int = 8000
     lr: float = 1e-3
     batch_size: int = 32
     vae_steps: int = 1500
     vae_lr: float = 1e-3
     data_size: int = 8192
     seed: int = 0
+    final_lr_fraction: float = 0.1  # the denoiser's cosine decay floor; the VAE keeps a constant lr
 
 
 def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True) -> Path:
@@ -46,7 +47,8 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
     tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
     pipe = build_pipeline(config.family, tokenizer, vae, config.seed)
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
-                   DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed),
+                   DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
+                                             final_lr_fraction=config.final_lr_fraction),
                                   batch_size=config.batch_size),
                    work / f"{config.family}-{data.fingerprint()[:12]}", show_progress)
     return save_pipeline(pipe, out)

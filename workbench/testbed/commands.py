@@ -19,9 +19,11 @@ WorkOpt = Annotated[Path, typer.Option(help="Folder for resumable training state
 def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit.")],
                   out: Annotated[Path, typer.Option(help="New folder for the trained diffusers pipeline.")],
                   work: WorkOpt = Path("build/testbed"),
-                  steps: Annotated[int, typer.Option(help="Denoiser training steps.")] = 4000,
+                  steps: Annotated[int, typer.Option(help="Denoiser training steps.")] = 8000,
                   vae_steps: Annotated[int, typer.Option(help="VAE training steps (the VAE is shared).")] = 1500,
                   lr: Annotated[float, typer.Option(help="AdamW learning rate of the denoiser.")] = 1e-3,
+                  final_lr_fraction: Annotated[float, typer.Option(
+                      help="Cosine-decay floor of the denoiser's learning rate, as a fraction of --lr.")] = 0.1,
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   json_out: JsonOpt = False) -> None:
@@ -34,7 +36,8 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
 
         if family not in FAMILIES:
             raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
-        config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed)
+        config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed,
+                             final_lr_fraction=final_lr_fraction)
         start = time.perf_counter()
         build_checkpoint(config, out, work, show_progress=not json_out)
         result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),

@@ -6,7 +6,8 @@
 3. The model follows ordinary captions: the concept classifier reads the captioned subject, colour
    and style from the generation.
 4. Both detectors separate memorized from ordinary captions: ROC AUC of NeMo's consistency score and
-   of Wen et al.'s text-conditional noise magnitude.
+   of Wen et al.'s text-conditional noise magnitude, both at their papers' defaults (Wen: DDIM, 50
+   steps, guidance 7.5); Wen's first-step magnitude (its cheap mode) is reported beside it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class EvalConfig:
     ordinary_prompts: int = 32
     ordinary_seeds: int = 2
     wen_generations: int = 4
+    wen_steps: int = 50  # Wen et al.'s defaults (detect_mem.py), not the testbed's generation settings
+    wen_guidance_scale: float = 7.5
 
 
 def roc_auc(positive: list[float], negative: list[float]) -> float:
@@ -72,9 +75,11 @@ def evaluate(model: Model, data: TestbedData, classifier: ConceptClassifier, con
     advance("detectors")
     memorized_captions = [m["caption"] for m in memorized]
     nemo = [s.score for s in nemo_scores(model, memorized_captions + prompts, NemoConfig())]
-    wen_config = WenConfig(generations=config.wen_generations, steps=config.steps,
-                           guidance_scale=config.guidance_scale)
-    wen = [text_noise_magnitude(model, p, wen_config).magnitude for p in memorized_captions + prompts]
+    wen_scores = [text_noise_magnitude(model, p, WenConfig(
+        generations=config.wen_generations, steps=config.wen_steps, guidance_scale=config.wen_guidance_scale))
+                  for p in memorized_captions + prompts]
+    wen = [w.magnitude for w in wen_scores]
+    wen_first = [w.per_step[0] for w in wen_scores]
     k = len(memorized_captions)
     passing = [m["seeds_over_bar"] >= config.min_seeds for m in memorized]
     summary = {
@@ -83,6 +88,7 @@ def evaluate(model: Model, data: TestbedData, classifier: ConceptClassifier, con
         "ordinary_generations_followed": float(followed.float().mean()),
         "classifier_accuracy_per_head": {h: float(c.float().mean()) for h, c in correct.items()},
         "nemo_auc": roc_auc(nemo[:k], nemo[k:]), "wen_auc": roc_auc(wen[:k], wen[k:]),
+        "wen_first_step_auc": roc_auc(wen_first[:k], wen_first[k:]),
     }
     summary["passes"] = {"memorization": summary["memorized_captions_reproduced"] >= 0.9,
                          "no_replication_of_ordinary": summary["ordinary_generations_below_bar"] >= 0.95,
@@ -92,4 +98,5 @@ def evaluate(model: Model, data: TestbedData, classifier: ConceptClassifier, con
             "ordinary": [{"prompt": p, "nearest_ssim": nearest[i * config.ordinary_seeds:(i + 1) * config.ordinary_seeds]
                           .tolist()} for i, p in enumerate(prompts)],
             "detectors": {"nemo": {"memorized": nemo[:k], "ordinary": nemo[k:]},
-                          "wen": {"memorized": wen[:k], "ordinary": wen[k:]}}}
+                          "wen": {"memorized": wen[:k], "ordinary": wen[k:]},
+                          "wen_first_step": {"memorized": wen_first[:k], "ordinary": wen_first[k:]}}}

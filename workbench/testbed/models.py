@@ -49,7 +49,7 @@ def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusio
         block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=_clip_text(tokenizer, 64, False), tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,

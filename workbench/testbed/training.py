@@ -8,9 +8,10 @@ State (weights, AdamW moments, step) is saved with safetensors + JSON: never pic
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -35,10 +36,21 @@ class LoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 500
+    final_lr_fraction: float = 1.0  # cosine decay after warm-up down to lr × this; 1.0 keeps lr constant
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.save_every < 1 or self.warmup < 0:
             raise WorkbenchError("training needs steps >= 1, lr > 0, save_every >= 1 and warmup >= 0")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise WorkbenchError("final_lr_fraction must be in [0, 1]")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -57,7 +69,6 @@ def train(modules: dict[str, nn.Module], loss_of_step: Callable[[torch.Generator
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     start = load_state(state_dir, modules, optimizer, config)
-    warmup = lambda step: min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0  # noqa: E731
     for module in modules.values():
         module.train()
     losses = []
@@ -67,7 +78,7 @@ def train(modules: dict[str, nn.Module], loss_of_step: Callable[[torch.Generator
         task = progress.add_task(description, total=config.steps, completed=start, loss="-")
         for step in range(start, config.steps):
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup(step)
+                group["lr"] = config.lr_at(step)
             torch.manual_seed(config.seed * 1_000_003 + step)  # any library randomness (dropout) too
             loss = loss_of_step(step_generator(config.seed, step))
             if not torch.isfinite(loss):
@@ -113,7 +124,8 @@ def load_state(state_dir: Path, modules: dict[str, nn.Module], optimizer: torch.
     if not (state_dir / STATE_FILE).is_file():
         return 0
     saved = json.loads((state_dir / STATE_FILE).read_text())
-    mismatched = {k for k, v in asdict(config).items() if k != "steps" and saved["config"].get(k) != v}
+    defaults = {f.name: f.default for f in fields(LoopConfig)}  # a state saved before a setting existed used its default
+    mismatched = {k for k, v in asdict(config).items() if k != "steps" and saved["config"].get(k, defaults[k]) != v}
     if mismatched:
         raise WorkbenchError(f"{state_dir} holds a run with different {', '.join(sorted(mismatched))}; "
                              "use another work folder or the same settings")
