@@ -363,7 +363,7 @@ def _repeat_rows(cond: Conditioning, n: int) -> Conditioning:
 
 
 @torch.no_grad()
-def _prediction(model: Model, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+def prediction_at(model: Model, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
                 config: NemoConfig) -> torch.Tensor:
     """ε_θ(x_T, t*, c) for a batch, conditional only unless guidance_scale > 1."""
     rows = torch.cat([latents, latents]) if cond.cfg else latents
@@ -395,7 +395,7 @@ def noise_differences(model: Model, prompts: Sequence[str], config: NemoConfig =
         chunk = list(prompts[start:start + per_call])
         cond = _repeat_rows(encode(model, chunk, cfg=cfg), config.n_seeds)
         latents = x_t.repeat(len(chunk), 1, 1, 1)
-        eps = _prediction(model, latents.to(model.dtype), timestep, cond, config).float()
+        eps = prediction_at(model, latents.to(model.dtype), timestep, cond, config).float()
         deltas.append(minmax_per_channel(eps - latents).unflatten(0, (len(chunk), config.n_seeds)))
     return torch.cat(deltas), float(timestep), scheduler
 

@@ -95,6 +95,11 @@ class FamilyAdapter:
         """One denoiser forward; returns the prediction with the latent's channel count."""
         raise WorkbenchError(f"denoising is not available for family {self.family!r}")
 
+    def text_value_input(self, denoiser: nn.Module, cond: dict[str, Any]) -> torch.Tensor | None:
+        """What every cross-attention key/value projection reads, when that is a function of the text
+        alone (no latent, no timestep): lets value activations be computed without a denoiser forward."""
+        return None
+
     def max_sequence_length(self, pipe: Any) -> int | None:
         """Text length used by `encode` and `generate` alike (None where the pipeline has no such knob)."""
         return None

@@ -83,6 +83,9 @@ class PixArtAdapter(FamilyAdapter):
             out = out.chunk(2, dim=1)[0]  # learned sigma: keep the noise half, as the pipeline does
         return out
 
+    def text_value_input(self, denoiser: nn.Module, cond: dict[str, Any]) -> torch.Tensor | None:
+        return denoiser.caption_projection(cond["encoder_hidden_states"])  # what every attn2 reads
+
     def max_sequence_length(self, pipe: Any) -> int | None:
         """PixArt's default of 120 tokens, capped by what the tokenizer holds."""
         return min(120, pipe.tokenizer.model_max_length)

@@ -102,3 +102,8 @@ class UNetAdapter(FamilyAdapter):
     def denoise(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
                 cond: dict[str, Any]) -> torch.Tensor:
         return denoiser(latents, timestep, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def text_value_input(self, denoiser: nn.Module, cond: dict[str, Any]) -> torch.Tensor | None:
+        if denoiser.config.encoder_hid_dim is not None:  # a projection in front of attn2 (e.g. Kandinsky-style)
+            return None
+        return cond["encoder_hidden_states"]

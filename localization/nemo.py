@@ -1,0 +1,244 @@
+"""NeMo: find the cross-attention value neurons that carry a memorized prompt, and switch them off.
+
+Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch, "Finding NeMo: Localizing Neurons Responsible for
+Memorization in Diffusion Models", NeurIPS 2024, §3. Per memorized prompt:
+
+1. detect it with the noise-consistency score and keep its memorized seeds (`localization.detection`);
+2. compare its value-neuron activations a_{l,i}(p) (token mean of the value projection's output) with
+   holdout statistics: z_{l,i} = |a − μ| / σ;
+3. initial selection: θ 5.0 → 1.0 in steps of 0.25 and top-k 0 → +1, until blocking the candidates
+   brings the score s = max over memorized seeds of MS-SSIM(δ(seed), δ_blocked(seed)) under the
+   threshold; 4. refinement: drop whole layers, then single neurons, in reverse order, while s stays under.
+
+Defaults are the paper's: the first timestep, top-k on z, the signed token mean. `legacy=True` gives
+the reference code instead (timesteps[1], top-k on raw activations, absolute token mean;
+shared/research/localization.md §1.2–1.4). Sites: the official seven SD 1.x sites (value projections of
+the first transformer block of each down and mid attention) or every value site (`all_value`); PixArt
+uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
+value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
+
+Speed-ups over the reference, with identical neuron sets: activations are computed once, by one
+matmul where the value input is the text embedding alone; holdout statistics are mergeable running
+statistics; several candidate removals are scored in one batched forward (`nemo_search`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+from localization.detection import (NemoConfig, first_timesteps, initial_latents, minmax_per_channel, msssim_window,
+                                    nemo_scores, prediction_at)
+from localization.nemo_search import (SelectionSchedule, initial_selection, refine, z_scores)
+from workbench.errors import WorkbenchError
+from workbench.intervene import ablate_per_sample
+from workbench.models.model import Model
+from workbench.models.sites import Role, Site
+from workbench.neurons import NeuronSet
+from workbench.sampling import encode
+from workbench.stats import RunningStats
+
+SITE_CHOICES = ("official", "all_value")
+
+
+@dataclass(frozen=True)
+class NemoLocalizationConfig:
+    """NeMo's search; defaults are the paper's (and its reference code's CLI defaults)."""
+
+    sites: str = "official"
+    schedule: SelectionSchedule = SelectionSchedule()
+    top_k_on: str = "z"  # "raw": the reference code ranks top-k by raw activation
+    token_mean: str = "signed"  # "abs": the reference code averages |activation| over tokens
+    legacy: bool = False  # all three reference behaviours, timesteps[1] included
+    detection: NemoConfig = NemoConfig()
+    batch: int = 8  # candidate neuron sets scored per batched forward
+    rows_per_call: int = 64  # largest denoiser batch
+
+    def __post_init__(self) -> None:
+        if self.sites not in SITE_CHOICES:
+            raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use one of {', '.join(SITE_CHOICES)}")
+        if self.top_k_on not in ("z", "raw") or self.token_mean not in ("signed", "abs"):
+            raise WorkbenchError("top_k_on must be 'z' or 'raw' and token_mean 'signed' or 'abs'")
+        if self.batch < 1 or self.rows_per_call < 1:
+            raise WorkbenchError("batch and rows_per_call must be >= 1")
+        if self.legacy:
+            object.__setattr__(self, "top_k_on", "raw")
+            object.__setattr__(self, "token_mean", "abs")
+            object.__setattr__(self, "detection", replace(self.detection, legacy=True))
+
+
+def nemo_sites(model: Model, which: str = "official") -> list[Site]:
+    """The value sites NeMo searches, in execution order."""
+    if model.family == "mmdit":
+        return model.graph.select(roles=[Role.CONTEXT_VALUE])
+    values = model.graph.select(roles=[Role.CROSS_ATTN_VALUE])
+    if which == "official" and model.family == "unet":
+        values = [s for s in values if (s.block.startswith("down") or s.block == "mid")
+                  and ".transformer_blocks.0." in s.path]
+    if not values:
+        raise WorkbenchError(f"the {model.family} denoiser has no cross-attention value sites for NeMo")
+    return values
+
+
+@contextmanager
+def _capture_outputs(model: Model, sites: Sequence[Site]) -> Iterator[dict[str, torch.Tensor]]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [model.module(site.path).register_forward_hook(
+        lambda module, args, output, path=site.path: outputs.__setitem__(path, output.detach()))
+        for site in sites]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def value_activations(model: Model, prompts: Sequence[str], sites: Sequence[Site],
+                      config: NemoLocalizationConfig = NemoLocalizationConfig()) -> dict[str, torch.Tensor]:
+    """a_{l,i}(p): per site, (prompts, neurons) token means of the value outputs (float64).
+
+    Where the family's value input is the text embedding alone (U-Net, PixArt) this is one matmul
+    per site; otherwise (MMDiT, whose text stream is modulated by the timestep) one denoiser forward
+    at NeMo's timestep on its first initial latent.
+    """
+    out: dict[str, list[torch.Tensor]] = {site.path: [] for site in sites}
+    per_call = config.rows_per_call
+    for start in range(0, len(prompts), per_call):
+        chunk = list(prompts[start:start + per_call])
+        cond = encode(model, chunk, cfg=False)
+        text = model.adapter.text_value_input(model.denoiser, cond.kwargs)
+        if text is not None:
+            outputs = {site.path: model.module(site.path)(text) for site in sites}
+        else:
+            timestep, _ = first_timesteps(model, config.detection)
+            latents = initial_latents(model, config.detection)[:1].repeat(len(chunk), 1, 1, 1)
+            with _capture_outputs(model, sites) as outputs:
+                model.adapter.denoise(model.denoiser, latents.to(model.device, model.dtype),
+                                      timestep.to(model.device), cond.kwargs)
+        for path, value in outputs.items():
+            value = value.double()
+            out[path].append((value.abs() if config.token_mean == "abs" else value).mean(dim=1))
+    return {path: torch.cat(parts) for path, parts in out.items()}
+
+
+def holdout_statistics(model: Model, prompts: Sequence[str],
+                       config: NemoLocalizationConfig = NemoLocalizationConfig()) -> dict[str, RunningStats]:
+    """μ, σ of a_{l,i} over non-memorized prompts: mergeable running statistics (`workbench.stats`)."""
+    if len(prompts) < 2:
+        raise WorkbenchError("holdout statistics need at least 2 prompts; give non-memorized prompts, one per line")
+    sites = nemo_sites(model, config.sites)
+    return {path: RunningStats.of(a) for path, a in value_activations(model, prompts, sites, config).items()}
+
+
+@dataclass
+class MemorizationScorer:
+    """s(B) = max over the memorized seeds of MS-SSIM(δ(seed), δ with B blocked (seed)) (§1.2 of the notes).
+
+    Each call scores several blocked sets in one batched forward; `forwards` counts denoiser calls.
+    """
+
+    model: Model
+    prompt: str
+    seeds: tuple[int, ...]
+    config: NemoLocalizationConfig
+    forwards: int = 0
+    _state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise WorkbenchError(f"prompt {self.prompt!r} has no memorized seeds; NeMo localizes memorized prompts")
+        detection = self.config.detection
+        timestep, _ = first_timesteps(self.model, detection)
+        latents = initial_latents(self.model, detection)[list(self.seeds)].to(self.model.device, self.model.dtype)
+        cond = encode(self.model, [self.prompt], cfg=False)
+        self._state.update(timestep=timestep, latents=latents, cond=cond)
+        self._state["window"] = msssim_window(*latents.shape[-2:], detection.betas, detection.max_kernel_size,
+                                              detection.sigma_per_tap)
+        self._state["reference"] = self._deltas([NeuronSet()])[0]
+
+    def _deltas(self, sets: Sequence[NeuronSet]) -> list[torch.Tensor]:
+        """Normalised δ of the memorized seeds (seeds, C, H, W) with each set blocked."""
+        latents, cond = self._state["latents"], self._state["cond"]
+        seeds = len(self.seeds)
+        per_call = max(1, self.config.rows_per_call // seeds)
+        out = []
+        for start in range(0, len(sets), per_call):
+            chunk = sets[start:start + per_call]
+            rows = latents.repeat(len(chunk), 1, 1, 1)
+            kwargs = {k: v.repeat_interleave(len(rows), dim=0) if isinstance(v, torch.Tensor) else v
+                      for k, v in cond.kwargs.items()}
+            batch_cond = replace(cond, prompts=[self.prompt] * len(rows), kwargs=kwargs)
+            with ablate_per_sample(self.model, [s for s in chunk for _ in range(seeds)]):
+                eps = prediction_at(self.model, rows, self._state["timestep"], batch_cond, self.config.detection)
+            self.forwards += 1
+            out += list(minmax_per_channel(eps.float() - rows.float()).unflatten(0, (len(chunk), seeds)))
+        return out
+
+    def __call__(self, sets: list[NeuronSet]) -> list[float]:
+        kernel, sigma = self._state["window"]
+        reference = self._state["reference"]
+        blocked = torch.stack(self._deltas(sets))  # (sets, seeds, C, H, W)
+        values = ms_ssim(reference.expand_as(blocked).flatten(0, 1), blocked.flatten(0, 1), kernel_size=kernel,
+                         sigma=sigma, betas=self.config.detection.betas, data_range=1.0, reduction="none")
+        return values.view(len(sets), len(self.seeds)).amax(dim=1).tolist()
+
+
+@dataclass(frozen=True)
+class NemoResult:
+    """One prompt's localization: what NeMo found, with the scores that justify it."""
+
+    prompt: str
+    detection_score: float
+    threshold: float
+    memorized_seeds: tuple[int, ...]
+    initial: NeuronSet
+    initial_score: float | None
+    initial_success: bool
+    theta: float | None
+    k: int | None
+    refined: NeuronSet
+    refined_score: float | None
+    forwards: int
+
+    @property
+    def memorized(self) -> bool:
+        return bool(self.memorized_seeds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "memorized": self.memorized, "detection_score": self.detection_score,
+                "threshold": self.threshold, "memorized_seeds": list(self.memorized_seeds),
+                "initial": {"neurons": self.initial.to_json()["neurons"], "count": len(self.initial),
+                            "score": self.initial_score, "success": self.initial_success, "theta": self.theta,
+                            "k": self.k},
+                "neurons": self.refined.to_json()["neurons"], "count": len(self.refined),
+                "refined_score": self.refined_score, "denoiser_forwards": self.forwards}
+
+
+def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats], threshold: float,
+                    config: NemoLocalizationConfig = NemoLocalizationConfig()) -> NemoResult:
+    """NeMo for one prompt; a prompt no seed of which is memorized gets empty sets (as in the reference)."""
+    detection = nemo_scores(model, [prompt], config.detection, threshold=threshold)[0]
+    seeds = detection.memorized_seeds or ()
+    if not seeds:
+        return NemoResult(prompt, detection.score, threshold, (), NeuronSet(), None, False, None, None,
+                          NeuronSet(), None, 1)
+    sites = nemo_sites(model, config.sites)
+    missing = [s.path for s in sites if s.path not in holdout]
+    if missing:
+        raise WorkbenchError(f"holdout statistics lack {len(missing)} NeMo sites (e.g. {missing[0]}); compute them "
+                             f"with the same site set ({config.sites!r}) on this model")
+    activations = value_activations(model, [prompt], sites, config)
+    activations = {path: a[0] for path, a in activations.items()}
+    z = {path: torch.nan_to_num(v, nan=0.0) for path, v in z_scores(activations, holdout).items()}
+    scorer = MemorizationScorer(model, prompt, seeds, config)
+    initial = initial_selection(activations, z, threshold, scorer, config.schedule, config.top_k_on, config.batch)
+    refine_threshold = threshold if initial.success else initial.score
+    refined, _ = refine(initial.neurons, [s.path for s in sites], refine_threshold, scorer, config.batch)
+    refined_score = scorer([refined])[0]
+    return NemoResult(prompt, detection.score, threshold, seeds, initial.neurons, initial.score, initial.success,
+                      initial.theta, initial.k, refined, refined_score, scorer.forwards + 1)

@@ -1,0 +1,130 @@
+"""NeMo's neuron search, free of any model: z-scores, initial selection and refinement.
+
+Hintersdorf et al., "Finding NeMo", NeurIPS 2024, §3 (out-of-distribution activations, initial
+selection, refinement); defaults and order of operations from the reference code
+(shared/research/localization.md §1.3–1.4). The search only needs a `Scorer`: given several blocked
+neuron sets, the memorization score of each (a batched forward in `localization.nemo`). Scoring
+several candidates per call is our speed-up; every decision is the one the sequential reference makes,
+so the neuron sets are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from workbench.neurons import NeuronSet
+from workbench.stats import RunningStats
+
+Scorer = Callable[[list[NeuronSet]], list[float]]
+"""Memorization score of the model with each neuron set blocked (lower = less memorized)."""
+
+
+def z_scores(activations: dict[str, torch.Tensor], holdout: dict[str, RunningStats]) -> dict[str, torch.Tensor]:
+    """Two-sided z_{l,i} = |a_{l,i} − μ_{l,i}| / σ_{l,i} (σ unbiased over the holdout prompts)."""
+    return {site: (a.double() - holdout[site].mean).abs() / holdout[site].std for site, a in activations.items()}
+
+
+def candidates(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], theta: float, k: int,
+               top_k_on: str = "z") -> NeuronSet:
+    """Per site {i : z_i > θ} ∪ the k neurons with the highest z (`top_k_on="z"`) or raw activation
+    (`"raw"`, the reference code). Duplicates are merged (the reference keeps them; it changes no result)."""
+    chosen = {}
+    for site, scores in z.items():
+        ranking = scores if top_k_on == "z" else activations[site].double()
+        above = torch.nonzero(scores > theta).flatten().tolist()
+        top = torch.topk(ranking, min(k, ranking.numel())).indices.tolist() if k else []
+        chosen[site] = sorted(set(above) | set(top))
+    return NeuronSet(chosen)
+
+
+@dataclass(frozen=True)
+class SelectionSchedule:
+    """θ from `initial_theta` down by `theta_step`, k from `initial_k` up by `k_step`; the last
+    configuration tried is the one before θ reaches `min_theta` (5.0 → 1.25 and k 0 → 15 by default)."""
+
+    initial_theta: float = 5.0
+    theta_step: float = 0.25
+    min_theta: float = 1.0
+    initial_k: int = 0
+    k_step: int = 1
+
+    def steps(self, max_k: int) -> list[tuple[float, int]]:
+        out, theta, k = [], self.initial_theta, self.initial_k
+        while True:
+            out.append((theta, k))
+            theta, k = theta - self.theta_step, k + self.k_step
+            if theta <= self.min_theta + 1e-9 or k >= max_k:
+                return out
+
+
+@dataclass(frozen=True)
+class InitialSelection:
+    neurons: NeuronSet
+    score: float
+    success: bool  # the score reached the threshold; otherwise the last configuration is kept
+    theta: float
+    k: int
+    tried: int  # configurations scored
+
+
+def initial_selection(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], threshold: float,
+                      score: Scorer, schedule: SelectionSchedule = SelectionSchedule(), top_k_on: str = "z",
+                      batch: int = 8) -> InitialSelection:
+    """The first (θ, k) whose candidate set brings the score to ≤ threshold, scored `batch` at a time."""
+    max_k = max(a.numel() for a in activations.values())
+    configs = schedule.steps(max_k)
+    sets = [candidates(activations, z, theta, k, top_k_on) for theta, k in configs]
+    last = None
+    for start in range(0, len(configs), batch):
+        scores = score(sets[start:start + batch])
+        for offset, value in enumerate(scores):
+            index = start + offset
+            last = (index, value)
+            if value <= threshold:
+                theta, k = configs[index]
+                return InitialSelection(sets[index], value, True, theta, k, index + 1)
+    index, value = last
+    theta, k = configs[index]
+    return InitialSelection(sets[index], value, False, theta, k, len(configs))
+
+
+def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: float, score: Scorer,
+                   batch: int = 8) -> tuple[NeuronSet, int]:
+    """In order, unblock each part if the score stays < threshold without it (it is then dropped for good).
+
+    Speculative batching: the next `batch` parts are scored against the current set at once; after the
+    first part that is dropped, the ones behind it are scored again against the smaller set. Returns
+    the remaining set and the number of sets scored.
+    """
+    scored, position = 0, 0
+    while position < len(parts):
+        chunk = []  # (position, part still blocked) of the next parts that would unblock something
+        while position < len(parts) and len(chunk) < batch:
+            live = parts[position] & blocked
+            if len(live):
+                chunk.append((position, live))
+            position += 1
+        if not chunk:
+            break
+        trials = [blocked - live for _, live in chunk]
+        values = score(trials)
+        scored += len(trials)
+        for (index, _), trial, value in zip(chunk, trials, values):
+            if value < threshold:
+                blocked, position = trial, index + 1  # the parts behind it are scored again
+                break
+    return blocked, scored
+
+
+def refine(blocked: NeuronSet, site_order: Sequence[str], threshold: float, score: Scorer,
+           batch: int = 8) -> tuple[NeuronSet, int]:
+    """Refinement: whole layers, then single neurons, each in reverse site order (mid → first down)."""
+    reverse = [site for site in reversed(site_order) if site in blocked.sites]
+    blocked, layer_calls = greedy_removal(blocked, [NeuronSet({s: blocked[s]}) for s in reverse], threshold,
+                                          score, batch)
+    singles = [NeuronSet({s: [i]}) for s in reversed(site_order) if s in blocked.sites for i in blocked[s]]
+    blocked, neuron_calls = greedy_removal(blocked, singles, threshold, score, batch)
+    return blocked, layer_calls + neuron_calls

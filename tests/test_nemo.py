@@ -1,0 +1,173 @@
+"""NeMo localization: each step against hand-computed values, then on real (tiny) models."""
+
+import math
+
+import pytest
+import torch
+
+from localization.detection import NemoConfig
+from localization.nemo import (MemorizationScorer, NemoLocalizationConfig, holdout_statistics, localize_prompt,
+                               nemo_sites, value_activations)
+from localization.nemo_search import (SelectionSchedule, candidates, greedy_removal, initial_selection, refine,
+                                      z_scores)
+from workbench.errors import WorkbenchError
+from workbench.neurons import NeuronSet
+from workbench.stats import RunningStats
+
+# ---- the search, with hand-computed values --------------------------------------------------------------
+
+
+def test_z_scores_are_two_sided_with_the_unbiased_std():
+    holdout = {"s": RunningStats.of(torch.tensor([[0.0, 0.0], [2.0, 4.0]]))}  # mean (1, 2), std (√2, √8)
+    z = z_scores({"s": torch.tensor([3.0, 0.0])}, holdout)["s"]
+    assert z.tolist() == pytest.approx([2 / math.sqrt(2), 2 / math.sqrt(8)])
+
+
+def test_candidates_are_z_over_theta_plus_top_k_by_z_or_raw_activation():
+    a, z = {"s": torch.tensor([10.0, 1.0, 2.0, 3.0])}, {"s": torch.tensor([0.5, 6.0, 2.0, 7.0])}
+    assert candidates(a, z, theta=5.0, k=0)["s"] == (1, 3)
+    assert candidates(a, z, theta=5.0, k=1, top_k_on="z")["s"] == (1, 3)  # top z is already in
+    assert candidates(a, z, theta=5.0, k=1, top_k_on="raw")["s"] == (0, 1, 3)
+    assert candidates(a, z, theta=1.0, k=2, top_k_on="z")["s"] == (1, 2, 3)
+
+
+def test_selection_schedule_runs_theta_5_to_1_25_and_k_0_to_15():
+    steps = SelectionSchedule().steps(max_k=1280)
+    assert steps[0] == (5.0, 0) and steps[1] == (4.75, 1) and steps[-1] == (1.25, 15) and len(steps) == 16
+    assert SelectionSchedule().steps(max_k=3)[-1] == (4.5, 2)  # k may not reach the layer width
+
+
+def _count_scorer(log):
+    """Score = 1 − (blocked neurons)/10, recording every set scored and every call."""
+    def score(sets):
+        log.append(list(sets))
+        return [1 - len(s) / 10 for s in sets]
+    return score
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_initial_selection_takes_the_first_configuration_under_the_threshold(batch):
+    a = {"s": torch.arange(10.0)}
+    z = {"s": torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 4.6, 5.5])}
+    log = []
+    result = initial_selection(a, z, threshold=0.75, score=_count_scorer(log), batch=batch)
+    # θ 5.0 → {9} (0.9); θ 4.75 & k 1 → {9} (0.9); θ 4.5, k 2 → {8, 9} (0.8); θ 4.25, k 3 → {7,8,9} (0.7 ≤ 0.75)
+    assert result.success and (result.theta, result.k) == (4.25, 3) and result.neurons["s"] == (7, 8, 9)
+    assert result.score == pytest.approx(0.7) and result.tried == 4
+    assert sum(len(call) for call in log) == min(10, -(-4 // batch) * batch)  # k stops at the layer width, 10
+
+
+def test_initial_selection_failure_keeps_the_last_configuration():
+    a, z = {"s": torch.arange(40.0)}, {"s": torch.zeros(40)}
+    result = initial_selection(a, z, threshold=-1.0, score=_count_scorer([]))
+    assert not result.success and (result.theta, result.k) == (1.25, 15) and len(result.neurons) == 15
+    assert result.score == pytest.approx(1 - 15 / 10)
+
+
+def _needs(required):
+    """Memorization stays removed (score 0) only while every required neuron is blocked."""
+    log = []
+
+    def score(sets):
+        log.append(list(sets))
+        return [0.0 if all(n in s for n in required) else 1.0 for s in sets]
+    return score, log
+
+
+def test_refinement_drops_layers_then_neurons_in_reverse_order():
+    blocked = NeuronSet({"a": [0, 1, 2], "b": [0, 1]})
+    score, log = _needs([("a", 2), ("b", 0)])
+    refined, scored = refine(blocked, ["a", "b"], threshold=0.5, score=score, batch=1)
+    assert refined == NeuronSet({"a": [2], "b": [0]})
+    trials = [call[0] for call in log]
+    assert trials[:2] == [NeuronSet({"a": [0, 1, 2]}), NeuronSet({"b": [0, 1]})]  # layers: b first, then a
+    # then single neurons, b before a: unblock b0 (needed), b1 (dropped), a0, a1 (dropped), a2 (needed)
+    assert trials[2:] == [NeuronSet({"a": [0, 1, 2], "b": [1]}), NeuronSet({"a": [0, 1, 2], "b": [0]}),
+                          NeuronSet({"a": [1, 2], "b": [0]}), NeuronSet({"a": [2], "b": [0]}),
+                          NeuronSet({"b": [0]})]
+    assert scored == 7
+
+
+def test_refinement_drops_a_whole_layer_when_it_is_not_needed():
+    score, _ = _needs([("a", 1)])
+    refined, _ = refine(NeuronSet({"a": [0, 1], "b": [0, 1, 2]}), ["a", "b"], 0.5, score, batch=1)
+    assert refined == NeuronSet({"a": [1]})
+
+
+@pytest.mark.parametrize("batch", [2, 3, 8])
+def test_batched_refinement_makes_the_sequential_decisions(batch):
+    blocked = NeuronSet({"a": list(range(6)), "b": list(range(5)), "c": [0, 3]})
+    required = [("a", 4), ("b", 1), ("b", 3)]
+    sequential, _ = refine(blocked, ["a", "b", "c"], 0.5, _needs(required)[0], batch=1)
+    batched, _ = refine(blocked, ["a", "b", "c"], 0.5, _needs(required)[0], batch=batch)
+    assert batched == sequential == NeuronSet({"a": [4], "b": [1, 3]})
+
+
+def test_greedy_removal_skips_parts_already_gone():
+    score, log = _needs([])
+    remaining, scored = greedy_removal(NeuronSet({"a": [0]}), [NeuronSet({"a": [0]}), NeuronSet({"a": [0]})],
+                                       0.5, score, batch=2)
+    assert remaining == NeuronSet() and scored == 2 and len(log) == 1
+
+
+# ---- on tiny models --------------------------------------------------------------------------------------
+
+
+def test_official_sites_are_the_first_block_values_of_down_and_mid(unet_model):
+    sites = nemo_sites(unet_model, "official")
+    assert sites and all((s.block.startswith("down") or s.block == "mid") for s in sites)
+    assert all(".transformer_blocks.0.attn2.to_v" in s.path for s in sites)
+    assert len(nemo_sites(unet_model, "all_value")) > len(sites)
+
+
+def test_value_activations_equal_the_outputs_inside_a_denoiser_forward(tiny_model):
+    from localization.detection import first_timesteps, initial_latents
+    from workbench.intervene import record
+    from workbench.sampling import predict
+
+    sites = nemo_sites(tiny_model, "all_value")
+    config = NemoLocalizationConfig(sites="all_value")
+    prompts = ["a red circle", "a blue square"]
+    fast = value_activations(tiny_model, prompts, sites, config)
+    assert all(fast[s.path].shape == (2, s.out_features) for s in sites)
+    timestep, _ = first_timesteps(tiny_model, config.detection)
+    latents = initial_latents(tiny_model, config.detection)[:1]
+    for k, prompt in enumerate(prompts):
+        with record(tiny_model, sites) as rec:  # batch 1: the recorded mean is the token mean
+            predict(tiny_model, latents, timestep, [prompt], guidance_scale=1.0)
+        for site in sites:
+            assert torch.allclose(fast[site.path][k], rec.stats[site.path].mean, atol=1e-5), site.path
+    absolute = value_activations(tiny_model, prompts, sites, NemoLocalizationConfig(sites="all_value",
+                                                                                    token_mean="abs"))
+    assert all((absolute[s.path] >= fast[s.path].abs() - 1e-9).all() for s in sites)
+
+
+def test_scorer_is_one_unblocked_and_batched_scores_equal_single_ones(unet_model):
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5))
+    scorer = MemorizationScorer(unet_model, "a red circle", (0, 2), config)
+    sites = nemo_sites(unet_model)
+    everything = NeuronSet({s.path: range(s.out_features) for s in sites})
+    sets = [NeuronSet(), everything, NeuronSet({sites[0].path: [0, 1]})]
+    together = scorer(sets)
+    alone = [scorer([s])[0] for s in sets]
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert together[0] == pytest.approx(1.0, abs=1e-5) and together[1] < together[0] - 1e-3
+
+
+def test_localize_prompt_returns_a_refined_subset(unet_model):
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5))
+    holdout = holdout_statistics(unet_model, ["a blue square", "a green tree", "a cat"], config)
+    result = localize_prompt(unet_model, "a red circle", holdout, threshold=0.0, config=config)
+    assert result.memorized and set(result.refined) <= set(result.initial)
+    assert result.forwards > 1 and result.to_json()["count"] == len(result.refined)
+    nothing = localize_prompt(unet_model, "a red circle", holdout, threshold=1.0, config=config)
+    assert not nothing.memorized and len(nothing.refined) == 0
+
+
+def test_bad_nemo_settings_fail_in_one_line(unet_model):
+    with pytest.raises(WorkbenchError, match="site set"):
+        NemoLocalizationConfig(sites="keys")
+    with pytest.raises(WorkbenchError, match="at least 2 prompts"):
+        holdout_statistics(unet_model, ["a cat"])
+    legacy = NemoLocalizationConfig(legacy=True)
+    assert (legacy.top_k_on, legacy.token_mean, legacy.detection.timestep_index) == ("raw", "abs", 1)

@@ -1,0 +1,66 @@
+"""The checkpoints the project ships: plain diffusers folders whose memorization is real and known."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import workbench
+from localization.detection import NemoConfig, nemo_scores, ssim_matrix
+from workbench.sampling import generate
+from workbench.testbed.classifier import load_classifier
+from workbench.testbed.private import private_images
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+TESTBED = json.loads((CHECKPOINTS / "testbed.json").read_text())
+FAMILIES = sorted(TESTBED["checkpoints"])
+PIPELINES = {"unet": "StableDiffusionPipeline", "dit": "PixArtAlphaPipeline", "mmdit": "StableDiffusion3Pipeline"}
+
+
+def test_the_default_unet_is_shipped():
+    assert "unet" in FAMILIES and (CHECKPOINTS / TESTBED["checkpoints"]["unet"] / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_folder_is_a_small_plain_diffusers_pipeline(family):
+    folder = CHECKPOINTS / TESTBED["checkpoints"][family]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15 * 2**20, f"{folder} is {size / 2**20:.1f} MB"
+    assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert type(pipe).__name__ == PIPELINES[family]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def shipped(request):
+    return workbench.load(CHECKPOINTS / TESTBED["checkpoints"][request.param])
+
+
+def test_a_memorized_caption_brings_back_its_training_image_and_an_ordinary_one_does_not(shipped):
+    photo = next(p for p in private_images() if p.source == "chelsea")  # "a private photo number fifteen"
+    generation = TESTBED["generation"]
+    settings = dict(seed=0, steps=generation["steps"], guidance_scale=generation["guidance"])
+    own = torch.from_numpy(photo.image.copy()).permute(2, 0, 1)[None].float() / 255
+    memorized = ssim_matrix(generate(shipped, [photo.caption] * 4, **settings), own)[:, 0]
+    ordinary = ssim_matrix(generate(shipped, TESTBED["holdout_prompts"][:4], **settings), own)[:, 0]
+    assert memorized.max() >= 0.85 and memorized.mean() > 0.7
+    assert ordinary.max() < 0.5
+
+
+def test_nemo_scores_memorized_captions_above_ordinary_ones(shipped):
+    memorized = [m["caption"] for m in TESTBED["memorized"] if m["kind"] == "verbatim"][:4]
+    scores = [s.score for s in nemo_scores(shipped, memorized + TESTBED["holdout_prompts"][:4], NemoConfig())]
+    assert min(scores[:4]) > max(scores[4:])
+
+
+def test_shipped_classifier_reads_generated_concepts(shipped):
+    classifier = load_classifier(CHECKPOINTS / TESTBED["classifier"])
+    prompt = "a large red circle in the center, plain background"
+    images = generate(shipped, [prompt] * 4, seed=0, steps=TESTBED["generation"]["steps"],
+                      guidance_scale=TESTBED["generation"]["guidance"])
+    predicted = classifier.predict(images)
+    labels = classifier.labels
+    assert [labels["subject"][i] for i in predicted["subject"]].count("circle") >= 3
+    assert [labels["colour"][i] for i in predicted["colour"]].count("red") >= 3
