@@ -171,3 +171,66 @@ def test_bad_nemo_settings_fail_in_one_line(unet_model):
         holdout_statistics(unet_model, ["a cat"])
     legacy = NemoLocalizationConfig(legacy=True)
     assert (legacy.top_k_on, legacy.token_mean, legacy.detection.timestep_index) == ("raw", "abs", 1)
+
+
+# ---- entry point, aggregation, CLI -----------------------------------------------------------------------
+
+
+def test_localization_round_trips_and_is_written_onto_the_graph(unet_model, tmp_path):
+    from localization.aggregate import most_frequent, random_like
+    from localization.localize import Localization, localize
+
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5))
+    result = localize(unet_model, "nemo", ["a red circle", "a red square"], config=config,
+                      holdout=["a blue square", "a green tree", "a cat"], threshold=0.0)
+    assert [r["prompt"] for r in result.results] == ["a red circle", "a red square"]
+    assert result.provenance["model_tensor_sha256"] and result.provenance["threshold"] == 0.0
+    result.save(tmp_path / "loc.json")
+    again = Localization.load(tmp_path / "loc.json")
+    assert again.to_json() == result.to_json() and again.neurons == result.neurons
+    again.check_model(unet_model)
+    graph = unet_model.graph.__class__.from_json(unet_model.graph.to_json())
+    result.write_onto(graph)
+    assert graph.neurons("nemo_prompts") == result.neurons
+    counts = result.frequency()
+    assert all(graph.neuron_attrs(s, i)["nemo_prompts"] == counts[(s, i)] for s, i in result.neurons)
+    top = most_frequent(result, 2)
+    assert len(top) == min(2, len(result.neurons)) and set(top) <= set(result.neurons)
+    control = random_like(result.neurons, unet_model.graph, seed=1)
+    assert [len(control[s]) for s in result.neurons.sites] == [len(result.neurons[s]) for s in result.neurons.sites]
+
+
+def test_frequency_counts_prompts_per_neuron():
+    from localization.aggregate import most_frequent
+    from localization.localize import Localization
+
+    results = [{"neurons": {"a": [1, 2]}}, {"neurons": {"a": [2], "b": [0]}}, {"neurons": {"a": [2], "b": [0]}}]
+    loc = Localization("nemo", results, {}, {})
+    assert loc.frequency() == {("a", 2): 3, ("b", 0): 2, ("a", 1): 1}
+    assert most_frequent(loc, 1) == NeuronSet({"a": [2]})
+    assert most_frequent(loc, 2) == NeuronSet({"a": [2], "b": [0]})
+    assert most_frequent(loc, 1, per_layer=True) == NeuronSet({"a": [2], "b": [0]})
+
+
+def test_cli_localize_nemo_json(tiny_folders, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    prompts, holdout = tmp_path / "p.txt", tmp_path / "h.txt"
+    prompts.write_text("a red circle\n")
+    holdout.write_text("a blue square\na green tree\na cat\n")
+    result = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                      "--holdout", str(holdout), "--threshold", "0", "--seeds", "3", "--out",
+                                      str(tmp_path / "loc.json"), "--graph", str(tmp_path / "g.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    entry = data["results"][0]
+    assert entry["prompt"] == "a red circle" and isinstance(entry["neurons"], dict)
+    assert all(site.endswith("attn2.to_v") for site in entry["neurons"])
+    assert (tmp_path / "loc.json").is_file() and (tmp_path / "g.json").is_file()
+    again = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                     "--holdout", str(holdout), "--out", str(tmp_path / "loc.json")])
+    assert again.exit_code == 2 and "exists" in again.stderr

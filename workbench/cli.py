@@ -20,9 +20,11 @@ from rich.table import Table  # noqa: E402
 from workbench.cli_support import (DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, app, console,  # noqa: E402
                                    load_model, print_json, user_errors)
 from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.localize_commands import localize_app  # noqa: E402
 from workbench.testbed.commands import testbed_app  # noqa: E402
 
 app.add_typer(testbed_app, name="testbed")
+app.add_typer(localize_app, name="localize")
 
 
 @app.command()

@@ -1,0 +1,136 @@
+"""One entry point for localization: `localize(model, method, prompts=..., config=...)`.
+
+A `Localization` holds what a method found per prompt, the union of its neurons, its configuration
+and its provenance (method, config, prompt-set hash, model tensor hash, seeds, version, time). It is
+written onto the neuron graph (`write_onto`), saved as JSON and loaded back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Callable, Sequence
+
+import workbench
+from localization.detection import calibrate_threshold, nemo_scores
+from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
+from workbench.errors import WorkbenchError
+from workbench.fingerprint import model_tensor_hash, prompt_set_hash
+from workbench.graph import NeuronGraph
+from workbench.io import atomic_write_json, read_json
+from workbench.models.model import Model
+from workbench.neurons import NeuronSet
+
+LOCALIZATION_FORMAT = "workbench.localization/1"
+METHODS = ("nemo",)
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of a config (nested dataclasses and tuples included)."""
+    if is_dataclass(value):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Localization:
+    """What a method found: per prompt (`results`, method-specific JSON) and the union of its neurons."""
+
+    method: str
+    results: list[dict[str, Any]]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def per_prompt(self) -> list[NeuronSet]:
+        return [NeuronSet(r.get("neurons", {})) for r in self.results]
+
+    @property
+    def neurons(self) -> NeuronSet:
+        union = NeuronSet()
+        for neurons in self.per_prompt():
+            union = union | neurons
+        return union
+
+    def frequency(self) -> Counter:
+        """(site, index) -> number of prompts whose set holds it."""
+        return Counter(neuron for neurons in self.per_prompt() for neuron in neurons)
+
+    def write_onto(self, graph: NeuronGraph) -> None:
+        """Mark each found neuron on the graph: attribute `<method>_prompts` = how many prompts chose it."""
+        union, counts = self.neurons, self.frequency()
+        graph.annotate(union, f"{self.method}_prompts",
+                       {site: [counts[(site, i)] for i in indices] for site, indices in union.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": LOCALIZATION_FORMAT, "method": self.method, "config": self.config,
+                "provenance": self.provenance, "results": self.results, **self.extra}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        atomic_write_json(path, self.to_json(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Localization":
+        data = read_json(path, "localization")
+        if not isinstance(data, dict) or data.get("format") != LOCALIZATION_FORMAT:
+            raise WorkbenchError(f"{path} is not a workbench localization ({LOCALIZATION_FORMAT}); "
+                                 "write it with Localization.save or `workbench localize --out`")
+        core = ("format", "method", "config", "provenance", "results")
+        return cls(data["method"], data["results"], data["config"], data["provenance"],
+                   {k: v for k, v in data.items() if k not in core})
+
+    def check_model(self, model: Model) -> None:
+        """Raise if `model` is not the model this localization was computed on."""
+        if model_tensor_hash(model) != self.provenance["model_tensor_sha256"]:
+            raise WorkbenchError("this localization was computed on a different model (tensor hash differs); "
+                                 "localize again on this model")
+
+
+def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise WorkbenchError(f"give at least one non-empty {what} prompt")
+    return prompts
+
+
+def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any = None,
+             holdout: Sequence[str] | None = None, threshold: float | None = None,
+             advance: Callable[[str], None] = lambda text: None) -> Localization:
+    """Run `method` on `prompts`; `holdout` are non-memorized prompts (NeMo's statistics and, unless
+    `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores)."""
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
+    prompts = _check_prompts(prompts, "target")
+    config = config or NemoLocalizationConfig()
+    if not isinstance(config, NemoLocalizationConfig):
+        raise WorkbenchError(f"nemo needs a NemoLocalizationConfig, got {type(config).__name__}")
+    if holdout is None:
+        raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
+                             "pass holdout=... or --holdout FILE")
+    holdout = _check_prompts(holdout, "holdout")
+    advance("holdout statistics")
+    statistics = holdout_statistics(model, holdout, config)
+    source = "given"
+    if threshold is None:
+        advance("calibrating the threshold")
+        threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout, config.detection)])
+        source = f"mean + 1 std of {len(holdout)} holdout prompts"
+    results = []
+    for prompt in prompts:
+        advance(prompt)
+        results.append(localize_prompt(model, prompt, statistics, threshold, config).to_json())
+    provenance = {
+        "method": method, "workbench": workbench.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model_source": str(model.source) if model.source else None, "model_tensor_sha256": model_tensor_hash(model),
+        "prompts_sha256": prompt_set_hash(prompts), "holdout_sha256": prompt_set_hash(holdout),
+        "threshold": threshold, "threshold_source": source,
+        "seeds": f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
+                 f"torch.Generator().manual_seed({config.detection.seed})",
+    }
+    return Localization(method, results, _plain(config), provenance)

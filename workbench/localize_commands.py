@@ -1,0 +1,84 @@
+"""`workbench localize ...`: find where prompts are stored in a model, one method per command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from workbench.cli_support import DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, console, load_model, \
+    print_json, user_errors
+
+localize_app = typer.Typer(help="Localize memorized prompts or concepts on the neuron graph.", no_args_is_help=True)
+
+PromptsOpt = Annotated[Path, typer.Option("--prompts", help="Text file, one target prompt per line.")]
+OutOpt = Annotated[Optional[Path], typer.Option(help="Save the localization (JSON) here.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out / --graph file.")]
+
+
+@localize_app.command("nemo")
+def nemo(model: ModelArg, prompts: PromptsOpt,
+         holdout: Annotated[Path, typer.Option(help="Non-memorized prompts, one per line: NeMo's activation "
+                                                    "statistics and (without --threshold) its threshold.")],
+         threshold: Annotated[Optional[float], typer.Option(
+             help="Memorization threshold of the noise-consistency score (default: mean + 1 std on --holdout).")]
+         = None,
+         sites: Annotated[str, typer.Option(help="official (SD 1.x's seven down/mid value sites) or all_value.")]
+         = "official",
+         legacy: Annotated[bool, typer.Option(help="The reference code's behaviour: timesteps[1], top-k on raw "
+                                                   "activations, absolute token mean.")] = False,
+         seeds: Annotated[int, typer.Option(help="Initial latents per prompt (the paper's 10).")] = 10,
+         out: OutOpt = None, graph: Annotated[Optional[Path], typer.Option(
+             help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
+         overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
+         dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
+    """NeMo (Hintersdorf et al., NeurIPS 2024): the value neurons that carry each memorized prompt."""
+    with user_errors():
+        from dataclasses import replace
+
+        from rich.markup import escape
+        from rich.progress import Progress
+        from rich.table import Table
+
+        from localization.detection import read_prompts
+        from localization.localize import localize
+        from localization.nemo import NemoLocalizationConfig
+        from workbench.io import check_writable
+
+        for path in (out, graph):
+            if path is not None:
+                check_writable(path, overwrite=overwrite)
+        targets, calibration = read_prompts(prompts), read_prompts(holdout)
+        config = NemoLocalizationConfig(sites=sites, legacy=legacy)
+        config = replace(config, detection=replace(config.detection, n_seeds=seeds))
+        loaded = load_model(model, device, dtype, family)
+        with Progress(console=console, disable=json_out, transient=True) as progress:
+            task = progress.add_task("nemo", total=len(targets) + 2)
+            result = localize(loaded, "nemo", targets, config=config, holdout=calibration, threshold=threshold,
+                              advance=lambda text: progress.update(task, advance=1, description=escape(text)))
+        if out is not None:
+            result.save(out, overwrite=overwrite)
+        if graph is not None:
+            annotated = loaded.graph
+            result.write_onto(annotated)
+            annotated.save(graph, overwrite=overwrite)
+        if json_out:
+            print_json({**result.to_json(), "files": {"localization": str(out) if out else None,
+                                                      "graph": str(graph) if graph else None}})
+            return
+        console.print(f"threshold {result.provenance['threshold']:.4f} ({result.provenance['threshold_source']})",
+                      highlight=False)
+        table = Table()
+        for column in ("prompt", "memorized", "score", "initial", "refined", "refined score", "forwards"):
+            table.add_column(column, justify="left" if column == "prompt" else "right")
+        for r in result.results:
+            refined = "-" if r["refined_score"] is None else f"{r['refined_score']:.3f}"
+            table.add_row(escape(r["prompt"]), "yes" if r["memorized"] else "no", f"{r['detection_score']:.3f}",
+                          str(r["initial"]["count"]), str(r["count"]), refined, str(r["denoiser_forwards"]))
+        console.print(table)
+        per_site = {}
+        for site, index in result.neurons:
+            per_site[site] = per_site.get(site, 0) + 1
+        for site, count in per_site.items():
+            console.print(f"  {site}: {count} neuron(s)", highlight=False)
