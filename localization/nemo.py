@@ -85,7 +85,7 @@ def nemo_sites(model: Model, which: str = "official") -> list[Site]:
 
 
 @contextmanager
-def _capture_outputs(model: Model, sites: Sequence[Site]) -> Iterator[dict[str, torch.Tensor]]:
+def capture_outputs(model: Model, sites: Sequence[Site]) -> Iterator[dict[str, torch.Tensor]]:
     outputs: dict[str, torch.Tensor] = {}
     handles = [model.module(site.path).register_forward_hook(
         lambda module, args, output, path=site.path: outputs.__setitem__(path, output.detach()))
@@ -117,7 +117,7 @@ def value_activations(model: Model, prompts: Sequence[str], sites: Sequence[Site
         else:
             timestep, _ = first_timesteps(model, config.detection)
             latents = initial_latents(model, config.detection)[:1].repeat(len(chunk), 1, 1, 1)
-            with _capture_outputs(model, sites) as outputs:
+            with capture_outputs(model, sites) as outputs:
                 model.adapter.denoise(model.denoiser, latents.to(model.device, model.dtype),
                                       timestep.to(model.device), cond.kwargs)
         for path, value in outputs.items():
