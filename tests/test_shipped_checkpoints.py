@@ -64,3 +64,17 @@ def test_shipped_classifier_reads_generated_concepts(shipped):
     labels = classifier.labels
     assert [labels["subject"][i] for i in predicted["subject"]].count("circle") >= 3
     assert [labels["colour"][i] for i in predicted["colour"]].count("red") >= 3
+
+
+def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
+    from localization.nemo import NemoLocalizationConfig
+    from workbench.testbed.nemo_report import NemoReportConfig, nemo_report
+
+    model = workbench.load(CHECKPOINTS / TESTBED["checkpoints"]["unet"])
+    config = NemoReportConfig(seeds=2, holdout=8, ordinary=2, captions=1)
+    report = nemo_report(model, TESTBED["holdout_prompts"], config, NemoLocalizationConfig())
+    (caption,) = report["captions"]
+    assert caption["memorized"] and caption["neurons"] > 0
+    assert caption["nemo"]["score"] < caption["none"]["score"]
+    assert caption["nemo"]["ssim_mean"] < caption["none"]["ssim_mean"]
+    assert set(report["summary"]["passes"]) == {"removes_memorization", "random_does_not", "ordinary_unchanged"}

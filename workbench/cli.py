@@ -192,12 +192,15 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo's runs (eac
          calibration: Annotated[int, typer.Option(help="Held-out captions to calibrate the thresholds on.")] = 16,
          ordinary: Annotated[int, typer.Option(help="Further held-out captions to score and generate.")] = 8,
          memorized: Annotated[Optional[int], typer.Option(help="Memorized captions to show (default all).")] = None,
+         localize: Annotated[int, typer.Option(help="Detected verbatim captions to localize with NeMo and "
+                                                    "switch off.")] = 3,
          json_out: JsonOpt = False) -> None:
-    """The main job: detect, generate and show memorization in the shipped U-Net; writes an HTML page."""
+    """The main job: detect, localize (NeMo) and switch off memorization in the shipped U-Net; HTML page."""
     with user_errors():
         from workbench.demo import DemoConfig, print_summary, run_demo
 
-        config = DemoConfig(seeds=seeds, calibration=calibration, ordinary=ordinary, memorized=memorized)
+        config = DemoConfig(seeds=seeds, calibration=calibration, ordinary=ordinary, memorized=memorized,
+                            localize=localize)
         summary = run_demo(checkpoints, out, config, console=None if json_out else console)
         if json_out:
             print_json(summary)

@@ -1,10 +1,12 @@
-"""The main job (`make demo`): memorization in the shipped U-Net, found, scored and shown.
+"""The main job (`make demo`): memorization in the shipped U-Net, found, localized, switched off, shown.
 
 On the shipped testbed U-Net (`checkpoints/unet`, ground truth in `checkpoints/testbed.json`) the demo
 calibrates both detectors (NeMo noise consistency, Wen et al.'s noise magnitude; mean + 1 std) on
 held-out ordinary captions, scores the memorized captions and other ordinary captions, generates each
-caption over several seeds, finds every generation's nearest training image (SSIM and pixel L2), and
-writes a self-contained HTML page with the generations next to the training images.
+caption over several seeds and finds every generation's nearest training image (SSIM and pixel L2).
+Then NeMo localizes the first detected verbatim captions, their neurons are switched off and the
+captions generated again. A self-contained HTML page shows generations next to the training images,
+before and after.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from rich.table import Table
 
 import workbench
 from localization.detection import Detection, Thresholds, calibrate, detect, nearest_training_images
+from localization.localize import localize
 from workbench.errors import WorkbenchError
 from workbench.html_page import figure, page, table as html_table
+from workbench.intervene import ablate
 from workbench.io import atomic_write_json, atomic_write_text, read_json
 from workbench.sampling import generate
 from workbench.testbed.classifier import images_to_unit
@@ -44,10 +48,13 @@ class DemoConfig:
     calibration: int = 16  # held-out captions the thresholds are calibrated on
     ordinary: int = 8  # further held-out captions scored and generated
     memorized: int | None = None  # memorized captions to show; None = all
+    localize: int = 3  # detected verbatim captions NeMo localizes and switches off
 
     def __post_init__(self) -> None:
-        if self.seeds < 1 or self.calibration < 2 or self.ordinary < 1 or (self.memorized or 1) < 1:
-            raise WorkbenchError("the demo needs seeds >= 1, calibration >= 2, ordinary >= 1 and memorized >= 1")
+        if self.seeds < 1 or self.calibration < 2 or self.ordinary < 1 or (self.memorized or 1) < 1 \
+                or self.localize < 0:
+            raise WorkbenchError("the demo needs seeds >= 1, calibration >= 2, ordinary >= 1, memorized >= 1 "
+                                 "and localize >= 0")
 
 
 def read_testbed(checkpoints: Path) -> dict[str, Any]:
@@ -113,7 +120,8 @@ def run_demo(checkpoints: Path, out: Path, config: DemoConfig = DemoConfig(),
     run_dir = new_run_folder(out)
     progress = Progress(console=console, transient=True) if console else nullcontext()
     with progress:
-        task = progress.add_task("demo", total=len(calibration) + 2 * len(rows) + 2) if console else None
+        task = progress.add_task("demo", total=len(calibration) + 2 * len(rows) + 4 + 2 * config.localize) \
+            if console else None
         advance: Callable[[str], None] = ((lambda text: progress.update(task, advance=1, description=text))
                                           if console else (lambda text: None))
         model = workbench.load(checkpoints / testbed["checkpoints"]["unet"])
@@ -135,6 +143,16 @@ def run_demo(checkpoints: Path, out: Path, config: DemoConfig = DemoConfig(),
                               guidance_scale=generation["guidance"])
             nearest = nearest_training_images(images, training)
             row.update(images=images, nearest=nearest, detection=detection)
+        targets = [r for r in rows if r["kind"] == "verbatim" and r["detection"].memorized][:config.localize]
+        if targets:
+            located = localize(model, "nemo", [r["caption"] for r in targets], holdout=calibration,
+                               threshold=thresholds.nemo, advance=lambda text: advance(f"NeMo: {text}"))
+            for row, neurons, result in zip(targets, located.per_prompt(), located.results):
+                advance(f"generating without its neurons: {row['caption']}")
+                with ablate(model, neurons):
+                    after = generate(model, [row["caption"]] * config.seeds, seed=0, steps=generation["steps"],
+                                     guidance_scale=generation["guidance"])
+                row.update(after=after, after_nearest=nearest_training_images(after, training), nemo=result)
     summary = summarize(rows, thresholds, testbed, config, checkpoints, run_dir, ids)
     atomic_write_text(run_dir / "page.html", html_report(rows, training, checkpoints, summary))
     atomic_write_json(run_dir / "summary.json", summary)
@@ -154,6 +172,11 @@ def summarize(rows: list[dict[str, Any]], thresholds: Thresholds, testbed: dict[
             "nemo": detection.nemo.score, "nemo_memorized": detection.nemo.memorized,
             "wen": detection.wen.magnitude, "wen_memorized": detection.wen.memorized,
             "memorized_verdict": detection.memorized})
+        if "nemo" in row:
+            captions[-1]["nemo_localization"] = {
+                "neurons": row["nemo"]["neurons"], "count": row["nemo"]["count"],
+                "refined_score": row["nemo"]["refined_score"],
+                "replication_ssim_after": row["after_nearest"].ssim.tolist()}
     memorized = [c for c in captions if c["kind"] != "ordinary"]
     ordinary = [c for c in captions if c["kind"] == "ordinary"]
     flagged = lambda group: sum(bool(c["memorized_verdict"]) for c in group)  # noqa: E731
@@ -190,11 +213,16 @@ def html_report(rows: list[dict[str, Any]], training: torch.Tensor, checkpoints:
         nearest = "".join(figure(training[i], "nearest") for i in row["nearest"].ssim_index[:1])
         scores = (f"NeMo {caption['nemo']:.3f} {_verdict_html(caption['nemo_memorized'])}<br>"
                   f"Wen {caption['wen']:.3f} {_verdict_html(caption['wen_memorized'])}")
+        after = ""
+        if "after" in row:
+            found = caption["nemo_localization"]
+            after = (f"{found['count']} neuron(s) off<br>" + "".join(
+                figure(image, f"SSIM {ssim:.2f}") for image, ssim in zip(row["after"], found["replication_ssim_after"])))
         body.append([f"{html.escape(caption['caption'])}<br><i>{caption['kind']}</i>", own, generated,
-                     nearest, scores, _verdict_html(caption["memorized_verdict"])])
+                     nearest, scores, _verdict_html(caption["memorized_verdict"]), after])
     return page("workbench: memorization in the shipped U-Net",
                 [intro, html_table(["caption", "training image", "generations (nearest-training SSIM)",
-                               "nearest to seed 0", "detectors", "verdict"], body)])
+                               "nearest to seed 0", "detectors", "verdict", "after NeMo (neurons off)"], body)])
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
@@ -211,6 +239,12 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
                        f"{c['seeds_over_bar']}/{len(c['replication_ssim'])}", f"{c['nemo']:.3f}", f"{c['wen']:.3f}",
                        verdict[c["memorized_verdict"]])
     console.print(table)
+    for c in summary["captions"]:
+        if "nemo_localization" in c:
+            found = c["nemo_localization"]
+            after = sum(found["replication_ssim_after"]) / len(found["replication_ssim_after"])
+            console.print(f"NeMo: {escape(c['caption'])}: {found['count']} neuron(s) off → mean SSIM "
+                          f"{sum(c['replication_ssim']) / len(c['replication_ssim']):.2f} → {after:.2f}")
     console.print(f"flagged as memorized: {summary['flagged']['memorized']} memorized captions, "
                   f"{summary['flagged']['ordinary']} ordinary captions")
     console.print(f"page: {summary['files']['page']}  (open it in a browser); summary: {summary['files']['summary']}")

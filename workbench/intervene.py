@@ -23,7 +23,7 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.models.model import Model
 from workbench.models.sites import Role, Site
-from workbench.neurons import NeuronSet
+from workbench.neurons import NeuronSet, WeightMask
 from workbench.stats import RunningStats
 
 BRANCHES = ("both", "cond", "uncond")
@@ -328,3 +328,22 @@ def ablate_weights(model: Model, neurons: NeuronSet) -> Iterator[None]:
         with torch.no_grad():
             for param, rows, original in reversed(saved):
                 param.index_copy_(0, rows, original)
+
+
+@contextmanager
+def mask_weights(model: Model, mask: WeightMask) -> Iterator[None]:
+    """Zero the masked weights (e.g. a Wanda / SalUn mask) while the block runs; restore them after."""
+    mask.validate(model.graph)
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for path, selected in mask.items():
+                weight = model.module(path).weight
+                where = selected.to(weight.device)
+                saved.append((weight, where, weight[where].clone()))
+                weight[where] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, where, original in reversed(saved):
+                weight[where] = original

@@ -127,3 +127,31 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
                           f"checkpoints {', '.join(checkpoints) or 'none yet'}")
 
 
+
+
+@testbed_app.command("nemo")
+def testbed_nemo(model: ModelArg,
+                 testbed: Annotated[Path, typer.Option(help="testbed.json with the held-out captions.")] = Path(
+                     "checkpoints/testbed.json"),
+                 seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
+                 sites: Annotated[str, typer.Option(help="NeMo site set: official or all_value.")] = "official",
+                 json_out: JsonOpt = False) -> None:
+    """NeMo on every verbatim-memorized caption: removed? random control? ordinary captions unchanged?"""
+    with user_errors():
+        from rich.progress import Progress
+
+        from localization.nemo import NemoLocalizationConfig
+        from workbench.io import read_json
+        from workbench.testbed.nemo_report import NemoReportConfig, nemo_report
+
+        holdout = read_json(testbed, "testbed description")["holdout_prompts"]
+        loaded = load_model(model, "cpu", "float32", "auto")
+        with Progress(console=console, transient=True, disable=json_out) as progress:
+            task = progress.add_task("NeMo", total=None)
+            report = nemo_report(loaded, holdout, NemoReportConfig(seeds=seeds), NemoLocalizationConfig(sites=sites),
+                                 lambda text: progress.update(task, description=text))
+        if json_out:
+            print_json(report)
+            return
+        for key, value in report["summary"].items():
+            console.print(f"{key}: {value}")

@@ -1,0 +1,89 @@
+"""Wanda / ConceptPrune: masks against hand-computed values, column norms on a real (tiny) model."""
+
+import pytest
+import torch
+
+from localization.wanda import (WandaConfig, collect_norms, conceptprune_mask, localize_weights, top_per_row,
+                                wanda_mask, wanda_sites)
+from workbench.errors import WorkbenchError
+from workbench.intervene import mask_weights
+from workbench.neurons import WeightMask
+from workbench.sampling import generate
+
+
+def test_top_per_row_picks_k_per_output_row():
+    scores = torch.tensor([[1.0, 5, 3, 2], [4, 0, 6, 1]])
+    assert top_per_row(scores, 0.5).nonzero().tolist() == [[0, 1], [0, 2], [1, 0], [1, 2]]
+    assert top_per_row(scores, 0.5, largest=False).nonzero().tolist() == [[0, 0], [0, 3], [1, 1], [1, 3]]
+    assert not top_per_row(scores, 0.2).any()  # int(0.2 · 4) = 0
+
+
+def test_conceptprune_mask_is_top_k_and_target_over_base_united_over_calls():
+    weight = torch.tensor([[1.0, 1, 1, 1], [1, 2, 1, 1]])
+    target = torch.tensor([[4.0, 3, 2, 1], [1, 2, 3, 4]])  # two calls
+    base = torch.tensor([[5.0, 1, 1, 1], [0, 0, 0, 9]])
+    config = WandaConfig(skill_ratio=0.5, calls=2, steps=2)
+    # call 0: S = |W|·N → row 0 top-2 {0, 1}, row 1 top-2 {1 (6), 0 (4)}; N_tgt > N_base only for 1, 2, 3
+    # call 1: row 0 top-2 {3, 2}, row 1 top-2 {1 (4), 3 (4)} → ties broken by topk; N_tgt > N_base for 0, 1, 2
+    mask = conceptprune_mask(weight, target, base, config)
+    expected0 = top_per_row(weight * target[0], 0.5) & (target[0] > base[0])
+    expected1 = top_per_row(weight * target[1], 0.5) & (target[1] > base[1])
+    assert torch.equal(mask, expected0 | expected1)
+    assert mask[0].tolist() == [False, True, True, False]
+    both = conceptprune_mask(weight, target, base, WandaConfig(skill_ratio=0.5, calls=2, steps=2, select_ratio=0.5))
+    assert torch.equal(both, expected0 & expected1)
+
+
+def test_pure_wanda_prunes_the_lowest_fraction_of_each_row():
+    weight = torch.tensor([[1.0, -4, 2, 3]])
+    norms = torch.tensor([[3.0, 0, 4, 1]])  # one call: ‖X‖ = (3, 0, 4, 1); S = (3, 0, 8, 3)
+    mask = wanda_mask(weight, norms, WandaConfig(mode="wanda", sparsity=0.5))
+    assert mask[0, 1] and mask.sum() == 2 and not mask[0, 2]
+
+
+def test_column_norms_cover_exactly_tau_calls_of_unit_rows(unet_model):
+    config = WandaConfig(calls=3, steps=5)
+    calls = []
+    handle = unet_model.denoiser.register_forward_hook(lambda *a: calls.append(1))  # completed calls
+    try:
+        norms = collect_norms(unet_model, ["a red circle", "a cat"], config)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * 3  # sampling stopped after τ calls, per prompt
+    for site in wanda_sites(unet_model):
+        n = norms[site.path]
+        assert n.shape == (3, site.in_features)
+        tokens = site.resolution ** 2  # U-Net transformer tokens at this block
+        # every row is unit-norm, so Σ_j N_j² = rows = prompts × CFG halves × tokens, per call
+        assert torch.allclose(n.square().sum(dim=1), torch.full((3,), 2.0 * 2 * tokens), rtol=1e-4)
+
+
+def test_masks_at_defaults_have_the_expected_density(unet_model):
+    config = WandaConfig(calls=2, steps=4, skill_ratio=0.25)
+    mask = localize_weights(unet_model, ["a red circle"], config)
+    sites = wanda_sites(unet_model)
+    assert set(mask.sites) == {s.path for s in sites}
+    assert 0 < mask.density() <= 2 * 0.25  # at most τ × skill_ratio of each row
+    pure = localize_weights(unet_model, ["a red circle"], WandaConfig(mode="wanda", calls=2, steps=4))
+    assert pure.density() == pytest.approx(sum(int(0.5 * s.in_features) * s.out_features for s in sites)
+                                           / sum(s.in_features * s.out_features for s in sites))
+
+
+def test_masked_weights_change_the_output_and_are_restored(unet_model):
+    site = wanda_sites(unet_model)[0]
+    weight = unet_model.module(site.path).weight
+    before = weight.detach().clone()
+    mask = WeightMask({site.path: torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.5})
+    plain = generate(unet_model, ["a red circle"], seed=0, steps=2)
+    with mask_weights(unet_model, mask):
+        assert (weight[mask[site.path]] == 0).all()
+        pruned = generate(unet_model, ["a red circle"], seed=0, steps=2)
+    assert torch.equal(weight, before) and not torch.equal(plain, pruned)
+
+
+def test_bad_wanda_settings_fail_in_one_line():
+    for build, match in ((lambda: WandaConfig(mode="sparsegpt"), "unknown Wanda mode"),
+                         (lambda: WandaConfig(skill_ratio=0), "skill_ratio"),
+                         (lambda: WandaConfig(calls=60), "calls")):
+        with pytest.raises(WorkbenchError, match=match):
+            build()
