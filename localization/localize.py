@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Sequence
@@ -16,15 +17,17 @@ from typing import Any, Callable, Sequence
 import workbench
 from localization.detection import calibrate_threshold, nemo_scores
 from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
+from localization.wanda import WandaConfig, localize_weights
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_tensor_hash, prompt_set_hash
 from workbench.graph import NeuronGraph
 from workbench.io import atomic_write_json, read_json
 from workbench.models.model import Model
-from workbench.neurons import NeuronSet
+from workbench.neurons import NeuronSet, WeightMask
 
 LOCALIZATION_FORMAT = "workbench.localization/1"
-METHODS = ("nemo",)
+METHODS = ("nemo", "wanda")
+CONFIGS = {"nemo": NemoLocalizationConfig, "wanda": WandaConfig}
 
 
 def _plain(value: Any) -> Any:
@@ -40,13 +43,15 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class Localization:
-    """What a method found: per prompt (`results`, method-specific JSON) and the union of its neurons."""
+    """What a method found: per prompt (`results`, method-specific JSON) and the union of its neurons;
+    weight-mask methods (Wanda) also hold one `mask` for the whole prompt set."""
 
     method: str
     results: list[dict[str, Any]]
     config: dict[str, Any]
     provenance: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    mask: WeightMask | None = None
 
     def per_prompt(self) -> list[NeuronSet]:
         return [NeuronSet(r.get("neurons", {})) for r in self.results]
@@ -72,8 +77,17 @@ class Localization:
         return {"format": LOCALIZATION_FORMAT, "method": self.method, "config": self.config,
                 "provenance": self.provenance, "results": self.results, **self.extra}
 
+    def mask_path(self, path: str | os.PathLike) -> Path:
+        """Where `save(path)` puts the weight mask: beside the JSON."""
+        return Path(path).with_suffix(".mask.safetensors")
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        atomic_write_json(path, self.to_json(), overwrite=overwrite)
+        """The JSON at `path`; a weight mask beside it (`mask_path`), written first."""
+        data = self.to_json()
+        if self.mask is not None:
+            self.mask.save(self.mask_path(path), overwrite=overwrite)
+            data["mask"] = self.mask_path(path).name
+        atomic_write_json(path, data, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Localization":
@@ -81,9 +95,10 @@ class Localization:
         if not isinstance(data, dict) or data.get("format") != LOCALIZATION_FORMAT:
             raise WorkbenchError(f"{path} is not a workbench localization ({LOCALIZATION_FORMAT}); "
                                  "write it with Localization.save or `workbench localize --out`")
-        core = ("format", "method", "config", "provenance", "results")
+        core = ("format", "method", "config", "provenance", "results", "mask")
+        mask = WeightMask.load(Path(path).parent / data["mask"]) if data.get("mask") else None
         return cls(data["method"], data["results"], data["config"], data["provenance"],
-                   {k: v for k, v in data.items() if k not in core})
+                   {k: v for k, v in data.items() if k not in core}, mask)
 
     def check_model(self, model: Model) -> None:
         """Raise if `model` is not the model this localization was computed on."""
@@ -102,14 +117,30 @@ def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
 def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any = None,
              holdout: Sequence[str] | None = None, threshold: float | None = None,
              advance: Callable[[str], None] = lambda text: None) -> Localization:
-    """Run `method` on `prompts`; `holdout` are non-memorized prompts (NeMo's statistics and, unless
-    `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores)."""
+    """Run `method` on `prompts`. For NeMo, `holdout` are non-memorized prompts (its statistics and,
+    unless `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores); for
+    Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization)."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
     prompts = _check_prompts(prompts, "target")
-    config = config or NemoLocalizationConfig()
-    if not isinstance(config, NemoLocalizationConfig):
-        raise WorkbenchError(f"nemo needs a NemoLocalizationConfig, got {type(config).__name__}")
+    config = config or CONFIGS[method]()
+    if not isinstance(config, CONFIGS[method]):
+        raise WorkbenchError(f"{method} needs a {CONFIGS[method].__name__}, got {type(config).__name__}")
+    provenance = {
+        "method": method, "workbench": workbench.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model_source": str(model.source) if model.source else None, "model_tensor_sha256": model_tensor_hash(model),
+        "prompts_sha256": prompt_set_hash(prompts),
+    }
+    if method == "wanda":
+        base = list(holdout) if holdout is not None else None  # "" is a valid base prompt
+        if base is not None and (not base or not all(isinstance(p, str) for p in base)):
+            raise WorkbenchError("give the base prompts as a non-empty list of strings")
+        advance("column norms")
+        mask = localize_weights(model, prompts, config, base)
+        provenance.update(base_sha256=prompt_set_hash(base or [""] * len(prompts)),
+                          seeds=f"every prompt generated from seed {config.seed}")
+        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
+                            {"density": mask.density(), "weights": mask.count()}, mask)
     if holdout is None:
         raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
                              "pass holdout=... or --holdout FILE")
@@ -125,12 +156,7 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
     for prompt in prompts:
         advance(prompt)
         results.append(localize_prompt(model, prompt, statistics, threshold, config).to_json())
-    provenance = {
-        "method": method, "workbench": workbench.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model_source": str(model.source) if model.source else None, "model_tensor_sha256": model_tensor_hash(model),
-        "prompts_sha256": prompt_set_hash(prompts), "holdout_sha256": prompt_set_hash(holdout),
-        "threshold": threshold, "threshold_source": source,
-        "seeds": f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
-                 f"torch.Generator().manual_seed({config.detection.seed})",
-    }
+    provenance.update(holdout_sha256=prompt_set_hash(holdout), threshold=threshold, threshold_source=source,
+                      seeds=f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
+                            f"torch.Generator().manual_seed({config.detection.seed})")
     return Localization(method, results, _plain(config), provenance)

@@ -87,3 +87,34 @@ def test_bad_wanda_settings_fail_in_one_line():
                          (lambda: WandaConfig(calls=60), "calls")):
         with pytest.raises(WorkbenchError, match=match):
             build()
+
+
+def test_wanda_localization_saves_its_mask_beside_the_json(unet_model, tmp_path):
+    from localization.localize import Localization, localize
+
+    config = WandaConfig(calls=2, steps=4, skill_ratio=0.25)
+    result = localize(unet_model, "wanda", ["a red circle", "a cat"], config=config)
+    assert result.mask is not None and result.extra["density"] == result.mask.density()
+    assert result.mask == localize_weights(unet_model, ["a red circle", "a cat"], config)
+    result.save(tmp_path / "w.json")
+    assert (tmp_path / "w.mask.safetensors").is_file()
+    again = Localization.load(tmp_path / "w.json")
+    assert again.mask == result.mask and again.config["skill_ratio"] == 0.25
+
+
+def test_cli_localize_wanda_json(tiny_folders, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    result = CliRunner().invoke(app, ["localize", "wanda", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                      "--calls", "2", "--skill-ratio", "0.1", "--out", str(tmp_path / "w.json"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["mask"] == str(tmp_path / "w.mask.safetensors") and 0 < data["density"] <= 0.2
+    assert sum(data["per_site"].values()) == data["weights"]

@@ -82,3 +82,45 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
             per_site[site] = per_site.get(site, 0) + 1
         for site, count in per_site.items():
             console.print(f"  {site}: {count} neuron(s)", highlight=False)
+
+
+@localize_app.command("wanda")
+def wanda(model: ModelArg, prompts: PromptsOpt,
+          base: Annotated[Optional[Path], typer.Option(help="Base prompts, one per line (default: the empty "
+                                                            "prompt once per target, ConceptPrune's choice).")] = None,
+          mode: Annotated[str, typer.Option(help="conceptprune (target vs base) or wanda (lowest per row).")]
+          = "conceptprune",
+          skill_ratio: Annotated[float, typer.Option(help="Top fraction of each output row (ConceptPrune).")] = 0.01,
+          calls: Annotated[int, typer.Option(help="τ: first denoiser calls whose masks are united.")] = 10,
+          sparsity: Annotated[float, typer.Option(help="Pruned fraction of each row (pure Wanda).")] = 0.5,
+          out: Annotated[Path, typer.Option(help="Save the localization (JSON; the mask beside it).")]
+          = Path("wanda.json"),
+          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
+          dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
+    """Wanda / ConceptPrune (Sun et al. ICLR 2024; Chavhan et al. 2024): FFN weights that carry the prompts."""
+    with user_errors():
+        from rich.progress import Progress
+
+        from localization.detection import read_prompts
+        from localization.localize import localize
+        from localization.wanda import WandaConfig
+        from workbench.io import check_writable
+
+        check_writable(out, overwrite=overwrite)
+        targets = read_prompts(prompts)
+        bases = read_prompts(base) if base is not None else None
+        config = WandaConfig(mode=mode, skill_ratio=skill_ratio, calls=calls, sparsity=sparsity)
+        loaded = load_model(model, device, dtype, family)
+        with Progress(console=console, disable=json_out, transient=True) as progress:
+            progress.add_task("wanda: column norms", total=None)
+            result = localize(loaded, "wanda", targets, config=config, holdout=bases)
+        check_writable(result.mask_path(out), overwrite=overwrite)
+        result.save(out, overwrite=overwrite)
+        summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
+                   "weights": result.extra["weights"],
+                   "per_site": {site: int(mask.sum()) for site, mask in result.mask.items()}}
+        if json_out:
+            print_json({**result.to_json(), **summary})
+            return
+        console.print(f"{mode}: {summary['weights']:,} weights ({summary['density']:.3%} of the FFN output "
+                      f"projections) → {out}, mask {summary['mask']}", highlight=False)
