@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL
 
 from workbench.errors import WorkbenchError
 from workbench.models.loading import load
+from workbench.noising import noised, sample_timesteps
 from workbench.testbed.training import LoopConfig, train
 
 
@@ -82,13 +83,8 @@ def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config
     prompts = ["" if drop else captions[i] for i, drop in zip(index.tolist(), dropped.tolist())]
     clean = latents[index]
     noise = torch.randn(clean.shape, generator=generator)
-    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-        sigma = torch.rand(config.batch_size, generator=generator).view(-1, 1, 1, 1)
-        noisy, timestep, target = (1 - sigma) * clean + sigma * noise, sigma.flatten() * 1000, noise - clean
-    else:
-        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-        timestep = torch.randint(schedule.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        noisy, target = schedule.add_noise(clean, noise, timestep), noise
+    timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator)
+    noisy, target = noised(pipe.scheduler, clean, noise, timestep)
     cond = model.adapter.encode(pipe, prompts, "", False, model.adapter.max_sequence_length(pipe))
     return F.mse_loss(model.adapter.denoise(model.denoiser, noisy, timestep, cond), target)
 
