@@ -14,9 +14,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 import workbench
 from localization.detection import calibrate_threshold, nemo_scores
 from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
+from localization.salun import SalUnConfig, saliency_mask
 from localization.wanda import WandaConfig, localize_weights
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_tensor_hash, prompt_set_hash
@@ -24,10 +27,11 @@ from workbench.graph import NeuronGraph
 from workbench.io import atomic_write_json, read_json
 from workbench.models.model import Model
 from workbench.neurons import NeuronSet, WeightMask
+from workbench.sampling import generate
 
 LOCALIZATION_FORMAT = "workbench.localization/1"
-METHODS = ("nemo", "wanda")
-CONFIGS = {"nemo": NemoLocalizationConfig, "wanda": WandaConfig}
+METHODS = ("nemo", "wanda", "salun")
+CONFIGS = {"nemo": NemoLocalizationConfig, "wanda": WandaConfig, "salun": SalUnConfig}
 
 
 def _plain(value: Any) -> Any:
@@ -116,10 +120,13 @@ def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
 
 def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any = None,
              holdout: Sequence[str] | None = None, threshold: float | None = None,
+             images: torch.Tensor | None = None,
              advance: Callable[[str], None] = lambda text: None) -> Localization:
     """Run `method` on `prompts`. For NeMo, `holdout` are non-memorized prompts (its statistics and,
     unless `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores); for
-    Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization)."""
+    Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization).
+    SalUn's forget set is `images` (N, 3, H, W in [0, 1]) captioned by `prompts`; without images, one
+    generation of the model per prompt (seed 0), as SalUn builds its NSFW forget set."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
     prompts = _check_prompts(prompts, "target")
@@ -139,6 +146,16 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
         mask = localize_weights(model, prompts, config, base)
         provenance.update(base_sha256=prompt_set_hash(base or [""] * len(prompts)),
                           seeds=f"every prompt generated from seed {config.seed}")
+        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
+                            {"density": mask.density(), "weights": mask.count()}, mask)
+    if method == "salun":
+        provenance["forget_images"] = "given" if images is not None else f"generated, seed {config.seed} + i"
+        if images is None:
+            advance("generating the forget images")
+            images = generate(model, prompts, seed=config.seed)
+        advance("forgetting gradients")
+        mask = saliency_mask(model, images, prompts, config)
+        provenance.update(seeds=f"timesteps and noise from torch.Generator().manual_seed({config.seed})")
         return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
                             {"density": mask.density(), "weights": mask.count()}, mask)
     if holdout is None:

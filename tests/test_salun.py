@@ -72,3 +72,36 @@ def test_bad_salun_input_fails_in_one_line(unet_model):
         forget_gradients(unet_model, _images(2), ["a cat"])
     with pytest.raises(WorkbenchError, match="fraction"):
         SalUnConfig(fraction=0)
+
+
+def test_cli_localize_salun_with_images(tiny_folders, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from localization.localize import Localization
+    from workbench.cli import app
+
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "i.txt").write_text(f"{tmp_path / 'x.png'}\n")
+    result = CliRunner().invoke(app, ["localize", "salun", str(tiny_folders["unet"]), "--prompts",
+                                      str(tmp_path / "p.txt"), "--images", str(tmp_path / "i.txt"), "--fraction",
+                                      "0.2", "--roles", "cross_attn_value", "--out", str(tmp_path / "s.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["density"] == pytest.approx(0.2, abs=0.01) and data["provenance"]["forget_images"] == "given"
+    assert Localization.load(tmp_path / "s.json").mask.count() == data["weights"]
+    (tmp_path / "i.txt").write_text("missing.png\n")
+    bad = CliRunner().invoke(app, ["localize", "salun", str(tiny_folders["unet"]), "--prompts", str(tmp_path / "p.txt"),
+                                   "--images", str(tmp_path / "i.txt"), "--out", str(tmp_path / "t.json")])
+    assert bad.exit_code == 2 and "not found" in bad.stderr
+
+
+def test_localize_salun_generates_the_forget_set_when_no_images_are_given(unet_model):
+    from localization.localize import localize
+
+    result = localize(unet_model, "salun", ["a red circle"], config=SalUnConfig(fraction=0.1, batch_size=1))
+    assert result.provenance["forget_images"].startswith("generated") and 0 < result.mask.density() <= 0.1

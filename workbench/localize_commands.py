@@ -124,3 +124,61 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
             return
         console.print(f"{mode}: {summary['weights']:,} weights ({summary['density']:.3%} of the FFN output "
                       f"projections) → {out}, mask {summary['mask']}", highlight=False)
+
+
+@localize_app.command("salun")
+def salun(model: ModelArg, prompts: PromptsOpt,
+          images: Annotated[Optional[Path], typer.Option(help="Forget images, one path per line, aligned with "
+                                                              "--prompts (default: one generation per prompt).")]
+          = None,
+          fraction: Annotated[float, typer.Option(help="Share of weights kept as salient (SalUn's 0.5).")] = 0.5,
+          per_layer: Annotated[bool, typer.Option(help="Top fraction within each site instead of globally.")]
+          = False,
+          roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to restrict to, e.g. "
+                                                             "cross_attn_key,cross_attn_value.")] = None,
+          out: Annotated[Path, typer.Option(help="Save the localization (JSON; the mask beside it).")]
+          = Path("salun.json"),
+          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
+          dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
+    """SalUn (Fan et al., ICLR 2024): weights salient for the forgetting loss of the prompts' images."""
+    with user_errors():
+        import numpy as np
+        import torch
+        from PIL import Image
+        from rich.progress import Progress
+
+        from localization.detection import read_prompts
+        from localization.localize import localize
+        from localization.salun import SalUnConfig
+        from workbench.errors import WorkbenchError
+        from workbench.io import check_writable
+
+        check_writable(out, overwrite=overwrite)
+        targets = read_prompts(prompts)
+        forget = None
+        if images is not None:
+            paths = [Path(p) for p in read_prompts(images)]
+            if len(paths) != len(targets):
+                raise WorkbenchError(f"{len(paths)} images for {len(targets)} prompts; give one image per prompt")
+            loaded_images = []
+            for path in paths:
+                if not path.is_file():
+                    raise WorkbenchError(f"forget image {path} not found; check the paths in {images}")
+                loaded_images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+            forget = torch.from_numpy(np.stack(loaded_images)).permute(0, 3, 1, 2)
+        config = SalUnConfig(fraction=fraction, per_layer=per_layer,
+                             roles=tuple(r.strip() for r in roles.split(",")) if roles else None)
+        loaded = load_model(model, device, dtype, family)
+        with Progress(console=console, disable=json_out, transient=True) as progress:
+            task = progress.add_task("salun", total=None)
+            result = localize(loaded, "salun", targets, config=config, images=forget,
+                              advance=lambda text: progress.update(task, description=text))
+        check_writable(result.mask_path(out), overwrite=overwrite)
+        result.save(out, overwrite=overwrite)
+        summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
+                   "weights": result.extra["weights"]}
+        if json_out:
+            print_json({**result.to_json(), **summary})
+            return
+        console.print(f"salun: {summary['weights']:,} salient weights ({summary['density']:.1%}) → {out}, "
+                      f"mask {summary['mask']}", highlight=False)
