@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import workbench
+from localization.ablation import AblationConfig, attention_entropy, memorization_score, rank_layers
 from localization.detection import calibrate_threshold, nemo_scores
 from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
 from localization.salun import SalUnConfig, saliency_mask
@@ -30,8 +31,8 @@ from workbench.neurons import NeuronSet, WeightMask
 from workbench.sampling import generate
 
 LOCALIZATION_FORMAT = "workbench.localization/1"
-METHODS = ("nemo", "wanda", "salun")
-CONFIGS = {"nemo": NemoLocalizationConfig, "wanda": WandaConfig, "salun": SalUnConfig}
+METHODS = ("nemo", "wanda", "salun", "ablation")
+CONFIGS = {"nemo": NemoLocalizationConfig, "wanda": WandaConfig, "salun": SalUnConfig, "ablation": AblationConfig}
 
 
 def _plain(value: Any) -> Any:
@@ -158,6 +159,19 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
         provenance.update(seeds=f"timesteps and noise from torch.Generator().manual_seed({config.seed})")
         return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
                             {"density": mask.density(), "weights": mask.count()}, mask)
+    if method == "ablation":
+        advance("ranking layers")
+        ranking = rank_layers(model, memorization_score(model, prompts, config.detection), config.mode, advance)
+        extra: dict[str, Any] = {"ranking": ranking}
+        if holdout is not None and config.entropy and model.family != "mmdit":
+            advance("attention entropy")
+            target = attention_entropy(model, prompts, steps=config.steps, guidance_scale=config.guidance_scale)
+            ordinary = attention_entropy(model, _check_prompts(holdout, "holdout"), steps=config.steps,
+                                         guidance_scale=config.guidance_scale)
+            extra["entropy"] = {layer: {"prompts": target[layer], "holdout": ordinary[layer],
+                                        "difference": target[layer] - ordinary[layer]} for layer in target}
+            provenance["holdout_sha256"] = prompt_set_hash(holdout)
+        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance, extra)
     if holdout is None:
         raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
                              "pass holdout=... or --holdout FILE")

@@ -182,3 +182,45 @@ def salun(model: ModelArg, prompts: PromptsOpt,
             return
         console.print(f"salun: {summary['weights']:,} salient weights ({summary['density']:.1%}) → {out}, "
                       f"mask {summary['mask']}", highlight=False)
+
+
+@localize_app.command("ablation")
+def ablation(model: ModelArg, prompts: PromptsOpt,
+             holdout: Annotated[Optional[Path], typer.Option(
+                 help="Ordinary prompts, one per line: adds the attention entropy of prompts vs these.")] = None,
+             mode: Annotated[str, typer.Option(help="null (the layer sees the empty prompt) or zero.")] = "null",
+             out: OutOpt = None, overwrite: OverwriteOpt = False, json_out: JsonOpt = False,
+             device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
+    """Cross-attention layer ablation: rank layers by how much switching each off lowers memorization."""
+    with user_errors():
+        from rich.progress import Progress
+        from rich.table import Table
+
+        from localization.ablation import AblationConfig
+        from localization.detection import read_prompts
+        from localization.localize import localize
+        from workbench.io import check_writable
+
+        if out is not None:
+            check_writable(out, overwrite=overwrite)
+        targets = read_prompts(prompts)
+        ordinary = read_prompts(holdout) if holdout is not None else None
+        loaded = load_model(model, device, dtype, family)
+        with Progress(console=console, disable=json_out, transient=True) as progress:
+            task = progress.add_task("ablation", total=None)
+            result = localize(loaded, "ablation", targets, config=AblationConfig(mode=mode), holdout=ordinary,
+                              advance=lambda text: progress.update(task, description=text))
+        if out is not None:
+            result.save(out, overwrite=overwrite)
+        if json_out:
+            print_json(result.to_json())
+            return
+        table = Table(title=f"layers by memorization-score drop ({mode} ablation)")
+        for column in ("layer", "block", "score", "drop", "entropy Δ (prompts − holdout)"):
+            table.add_column(column)
+        entropy = result.extra.get("entropy", {})
+        for r in result.extra["ranking"]:
+            delta = entropy.get(r["layer"], {}).get("difference")
+            table.add_row(r["layer"], r["block"], f"{r['score']:.4f}", f"{r['drop']:+.4f}",
+                          "-" if delta is None else f"{delta:+.4f}")
+        console.print(table)
