@@ -21,6 +21,7 @@ from localization.ablation import AblationConfig, attention_entropy, memorizatio
 from localization.detection import calibrate_threshold, nemo_scores
 from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
 from localization.salun import SalUnConfig, saliency_mask
+from localization.sharding import Shard, gather_statistics, map_prompts
 from localization.wanda import WandaConfig, localize_weights
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_tensor_hash, prompt_set_hash
@@ -121,13 +122,16 @@ def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
 
 def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any = None,
              holdout: Sequence[str] | None = None, threshold: float | None = None,
-             images: torch.Tensor | None = None,
+             images: torch.Tensor | None = None, shard: Shard = Shard(),
              advance: Callable[[str], None] = lambda text: None) -> Localization:
     """Run `method` on `prompts`. For NeMo, `holdout` are non-memorized prompts (its statistics and,
     unless `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores); for
     Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization).
     SalUn's forget set is `images` (N, 3, H, W in [0, 1]) captioned by `prompts`; without images, one
-    generation of the model per prompt (seed 0), as SalUn builds its NSFW forget set."""
+    generation of the model per prompt (seed 0), as SalUn builds its NSFW forget set.
+
+    `shard` (`localization.sharding.current_shard()` under `accelerate launch`) splits NeMo's holdout
+    statistics, calibration and per-prompt search over processes; every process returns the whole result."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
     prompts = _check_prompts(prompts, "target")
@@ -176,17 +180,22 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
         raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
                              "pass holdout=... or --holdout FILE")
     holdout = _check_prompts(holdout, "holdout")
+    if len(holdout) < 2:
+        raise WorkbenchError("nemo needs at least 2 holdout prompts for its statistics; give more, one per line")
     advance("holdout statistics")
-    statistics = holdout_statistics(model, holdout, config)
+    mine = [holdout[i] for i in shard.positions(len(holdout))]
+    statistics = gather_statistics(holdout_statistics(model, mine, config) if mine else {}, shard)
     source = "given"
     if threshold is None:
         advance("calibrating the threshold")
-        threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout, config.detection)])
+        scores = map_prompts(lambda p: nemo_scores(model, [p], config.detection)[0].score, holdout, shard)
+        threshold = calibrate_threshold(scores)
         source = f"mean + 1 std of {len(holdout)} holdout prompts"
-    results = []
-    for prompt in prompts:
+
+    def search(prompt: str) -> dict[str, Any]:
         advance(prompt)
-        results.append(localize_prompt(model, prompt, statistics, threshold, config).to_json())
+        return localize_prompt(model, prompt, statistics, threshold, config).to_json()
+    results = map_prompts(search, prompts, shard)
     provenance.update(holdout_sha256=prompt_set_hash(holdout), threshold=threshold, threshold_source=source,
                       seeds=f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
                             f"torch.Generator().manual_seed({config.detection.seed})")

@@ -129,8 +129,8 @@ def value_activations(model: Model, prompts: Sequence[str], sites: Sequence[Site
 def holdout_statistics(model: Model, prompts: Sequence[str],
                        config: NemoLocalizationConfig = NemoLocalizationConfig()) -> dict[str, RunningStats]:
     """μ, σ of a_{l,i} over non-memorized prompts: mergeable running statistics (`workbench.stats`)."""
-    if len(prompts) < 2:
-        raise WorkbenchError("holdout statistics need at least 2 prompts; give non-memorized prompts, one per line")
+    if not prompts:
+        raise WorkbenchError("holdout statistics need prompts; give non-memorized prompts, one per line")
     sites = nemo_sites(model, config.sites)
     return {path: RunningStats.of(a) for path, a in value_activations(model, prompts, sites, config).items()}
 

@@ -33,7 +33,9 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
              help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
          dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
-    """NeMo (Hintersdorf et al., NeurIPS 2024): the value neurons that carry each memorized prompt."""
+    """NeMo (Hintersdorf et al., NeurIPS 2024): the value neurons that carry each memorized prompt.
+
+    `accelerate launch -m workbench.cli localize nemo ...` runs the same command over several processes."""
     with user_errors():
         from dataclasses import replace
 
@@ -44,6 +46,7 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         from localization.detection import read_prompts
         from localization.localize import localize
         from localization.nemo import NemoLocalizationConfig
+        from localization.sharding import current_shard
         from workbench.io import check_writable
 
         for path in (out, graph):
@@ -53,10 +56,14 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         config = NemoLocalizationConfig(sites=sites, legacy=legacy)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
-        with Progress(console=console, disable=json_out, transient=True) as progress:
+        shard = current_shard()  # under `accelerate launch`, prompts are split over the processes
+        with Progress(console=console, disable=json_out or shard.index > 0, transient=True) as progress:
             task = progress.add_task("nemo", total=len(targets) + 2)
             result = localize(loaded, "nemo", targets, config=config, holdout=calibration, threshold=threshold,
+                              shard=shard,
                               advance=lambda text: progress.update(task, advance=1, description=escape(text)))
+        if shard.index > 0:
+            return  # the main process writes and prints
         if out is not None:
             result.save(out, overwrite=overwrite)
         if graph is not None:
