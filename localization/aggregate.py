@@ -6,7 +6,7 @@ import torch
 
 from localization.localize import Localization
 from workbench.graph import NeuronGraph
-from workbench.neurons import NeuronSet
+from workbench.neurons import NeuronSet, WeightMask
 
 
 def most_frequent(localization: Localization, top: int, *, per_layer: bool = False) -> NeuronSet:
@@ -26,3 +26,14 @@ def random_like(neurons: NeuronSet, graph: NeuronGraph, seed: int = 0) -> Neuron
     generator = torch.Generator().manual_seed(seed)
     return NeuronSet({site: torch.randperm(graph.site(site).out_features, generator=generator)[:len(indices)].tolist()
                       for site, indices in neurons.items()})
+
+
+def random_mask_like(mask: WeightMask, seed: int = 0) -> WeightMask:
+    """A random weight mask with the same number of weights in each site (the control of a pruning mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for site, selected in mask.items():
+        flat = torch.zeros(selected.numel(), dtype=torch.bool)
+        flat[torch.randperm(selected.numel(), generator=generator)[:int(selected.sum())]] = True
+        out[site] = flat.view_as(selected)
+    return WeightMask(out)

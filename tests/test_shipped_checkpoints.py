@@ -68,10 +68,10 @@ def test_shipped_classifier_reads_generated_concepts(shipped):
 
 def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     from localization.nemo import NemoLocalizationConfig
-    from workbench.testbed.nemo_report import NemoReportConfig, nemo_report
+    from workbench.testbed.localization_report import ReportConfig, nemo_report
 
     model = workbench.load(CHECKPOINTS / TESTBED["checkpoints"]["unet"])
-    config = NemoReportConfig(seeds=2, holdout=8, ordinary=2, captions=1)
+    config = ReportConfig(seeds=2, holdout=8, ordinary=2, captions=1)
     report = nemo_report(model, TESTBED["holdout_prompts"], config, NemoLocalizationConfig())
     (caption,) = report["captions"]
     assert caption["memorized"] and caption["neurons"] > 0

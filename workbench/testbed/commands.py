@@ -129,29 +129,30 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
 
 
 
-@testbed_app.command("nemo")
-def testbed_nemo(model: ModelArg,
-                 testbed: Annotated[Path, typer.Option(help="testbed.json with the held-out captions.")] = Path(
-                     "checkpoints/testbed.json"),
-                 seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
-                 sites: Annotated[str, typer.Option(help="NeMo site set: official or all_value.")] = "official",
-                 json_out: JsonOpt = False) -> None:
-    """NeMo on every verbatim-memorized caption: removed? random control? ordinary captions unchanged?"""
+@testbed_app.command("localize")
+def testbed_localize(model: ModelArg,
+                     testbed: Annotated[Path, typer.Option(help="testbed.json with the held-out captions.")] = Path(
+                         "checkpoints/testbed.json"),
+                     methods: Annotated[str, typer.Option(help="Comma-separated: nemo, wanda, salun, ablation.")]
+                     = "nemo,wanda,salun,ablation",
+                     seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
+                     json_out: JsonOpt = False) -> None:
+    """Localization on the verbatim-memorized captions: removed? random controls? ordinary captions unchanged?"""
     with user_errors():
         from rich.progress import Progress
 
-        from localization.nemo import NemoLocalizationConfig
         from workbench.io import read_json
-        from workbench.testbed.nemo_report import NemoReportConfig, nemo_report
+        from workbench.testbed.localization_report import ReportConfig, localization_report
 
         holdout = read_json(testbed, "testbed description")["holdout_prompts"]
         loaded = load_model(model, "cpu", "float32", "auto")
+        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         with Progress(console=console, transient=True, disable=json_out) as progress:
-            task = progress.add_task("NeMo", total=None)
-            report = nemo_report(loaded, holdout, NemoReportConfig(seeds=seeds), NemoLocalizationConfig(sites=sites),
-                                 lambda text: progress.update(task, description=text))
+            task = progress.add_task("localizing", total=None)
+            report = localization_report(loaded, holdout, chosen, ReportConfig(seeds=seeds),
+                                         lambda text: progress.update(task, description=text))
         if json_out:
             print_json(report)
             return
-        for key, value in report["summary"].items():
-            console.print(f"{key}: {value}")
+        for method in chosen:
+            console.print(f"[bold]{method}[/]: {report[method].get('summary', report[method].get('ranking', [])[:3])}")

@@ -1,0 +1,166 @@
+"""Does localization find the testbed's planted memorization, and only it? The bars of issue 4 on a checkpoint.
+
+- **NeMo**: for each verbatim-memorized caption, its refined neurons (`localization.localize`); with
+  them switched off (a) the noise-consistency score against the calibrated threshold and (b) the
+  replication SSIM of generations to the training image; the same for a random set with the same
+  per-layer counts. Ordinary captions are generated with the union of all refined sets off (the edit
+  one would ship) and compared with their un-ablated generations (SSIM, same seeds).
+- **Wanda / SalUn**: one mask for all verbatim captions at the method's defaults, applied as zeroed
+  weights; the same measurements against a random mask of equal density per site.
+- **Layer ablation**: the ranking of cross-attention layers and the attention-entropy difference
+  between memorized and ordinary captions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from localization.aggregate import random_like, random_mask_like
+from localization.detection import calibrate_threshold, nemo_scores, ssim_matrix
+from localization.localize import localize
+from localization.nemo import NemoLocalizationConfig
+from workbench.errors import WorkbenchError
+from workbench.intervene import ablate, mask_weights
+from workbench.models.model import Model
+from workbench.neurons import NeuronSet
+from workbench.sampling import generate
+from workbench.testbed.classifier import images_to_unit
+from workbench.testbed.private import private_images
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    seeds: int = 8  # generations per caption
+    holdout: int = 32  # held-out captions for NeMo's statistics and threshold
+    ordinary: int = 16  # ordinary captions checked for side effects
+    steps: int = 25
+    guidance_scale: float = 5.0
+    control_seed: int = 1
+    captions: int | None = None  # verbatim captions to check (None = all fourteen)
+
+
+def _effect(model: Model, caption: str, own: torch.Tensor, threshold: float, nemo: NemoLocalizationConfig,
+            config: "ReportConfig") -> dict[str, Any]:
+    """Noise-consistency score and replication SSIM of one caption, under whatever edit is active."""
+    images = generate(model, [caption] * config.seeds, seed=0, steps=config.steps,
+                      guidance_scale=config.guidance_scale)
+    score = nemo_scores(model, [caption], nemo.detection)[0].score
+    ssim = ssim_matrix(images, own)[:, 0]
+    return {"score": score, "under_threshold": score <= threshold, "ssim_mean": float(ssim.mean()),
+            "ssim_max": float(ssim.max())}
+
+
+def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
+                nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
+                advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Per verbatim caption: neurons, scores and SSIMs with NeMo's set and with a random control."""
+    photos = [p for p in private_images() if p.kind == "verbatim"][:config.captions]
+    sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
+    located = localize(model, "nemo", [p.caption for p in photos], config=nemo,
+                       holdout=holdout_prompts[:config.holdout], advance=advance)
+    threshold = located.provenance["threshold"]
+    rows = []
+    for photo, result, neurons in zip(photos, located.results, located.per_prompt()):
+        advance(f"checking {photo.caption}")
+        own = images_to_unit(photo.image[None])
+        control = random_like(neurons, model.graph, config.control_seed)
+        entry = {"caption": photo.caption, "memorized": result["memorized"], "neurons": len(neurons),
+                 "per_site": {site: len(indices) for site, indices in neurons.items()},
+                 "score_before": result["detection_score"]}
+        for name, blocked in (("none", NeuronSet()), ("nemo", neurons), ("random", control)):
+            with ablate(model, blocked):
+                entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
+        entry["removed"] = bool(len(neurons)) and entry["nemo"]["under_threshold"] and entry["nemo"]["ssim_mean"] < 0.5
+        entry["random_removed"] = entry["random"]["under_threshold"] and entry["random"]["ssim_mean"] < 0.5
+        rows.append(entry)
+    union = located.neurons
+    advance("ordinary captions")
+    ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
+    before = generate(model, ordinary, seed=0, **sample)
+    with ablate(model, union):
+        after = generate(model, ordinary, seed=0, **sample)
+    unchanged = torch.diagonal(ssim_matrix(after, before))
+    per_site = Counter()
+    for site, _ in union:
+        per_site[site] += 1
+    summary = {
+        "threshold": threshold, "captions": len(rows),
+        "removed": float(np.mean([r["removed"] for r in rows])),
+        "random_removed": float(np.mean([r["random_removed"] for r in rows])),
+        "neurons_per_caption": [r["neurons"] for r in rows], "union_per_site": dict(per_site),
+        "ordinary_ssim_to_unablated_mean": float(unchanged.mean()),
+    }
+    summary["passes"] = {"removes_memorization": summary["removed"] >= 0.8,
+                         "random_does_not": summary["random_removed"] < summary["removed"],
+                         "ordinary_unchanged": summary["ordinary_ssim_to_unablated_mean"] >= 0.9}
+    return {"config": asdict(config), "summary": summary, "captions": rows,
+            "ordinary": [{"prompt": p, "ssim_to_unablated": float(s)} for p, s in zip(ordinary, unchanged)],
+            "localization": located.to_json()}
+
+
+def mask_report(model: Model, method: str, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
+                method_config: Any = None, nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
+                advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Wanda or SalUn at defaults: one mask for every verbatim caption, zeroed; against a random mask."""
+    photos = [p for p in private_images() if p.kind == "verbatim"][:config.captions]
+    captions = [p.caption for p in photos]
+    images = images_to_unit(np.stack([p.image for p in photos])) if method == "salun" else None
+    located = localize(model, method, captions, config=method_config, images=images, advance=advance)
+    mask, control = located.mask, random_mask_like(located.mask, config.control_seed)
+    threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout_prompts[:config.holdout],
+                                                                  nemo.detection)])
+    rows = []
+    for photo in photos:
+        advance(f"checking {photo.caption}")
+        own = images_to_unit(photo.image[None])
+        entry = {"caption": photo.caption, "none": _effect(model, photo.caption, own, threshold, nemo, config)}
+        for name, chosen in ((method, mask), ("random", control)):
+            with mask_weights(model, chosen):
+                entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
+        rows.append(entry)
+    ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
+    sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
+    before = generate(model, ordinary, seed=0, **sample)
+    unchanged = {}
+    for name, chosen in ((method, mask), ("random", control)):
+        with mask_weights(model, chosen):
+            unchanged[name] = float(torch.diagonal(ssim_matrix(generate(model, ordinary, seed=0, **sample), before))
+                                    .mean())
+    mean = lambda name, key: float(np.mean([r[name][key] for r in rows]))  # noqa: E731
+    summary = {"threshold": threshold, "density": mask.density(), "weights": mask.count(),
+               **{f"{name}_ssim_mean": mean(name, "ssim_mean") for name in ("none", method, "random")},
+               **{f"{name}_under_threshold": mean(name, "under_threshold") for name in ("none", method, "random")},
+               "ordinary_ssim_to_unedited": unchanged}
+    return {"method": method, "config": located.config, "summary": summary, "captions": rows}
+
+
+def ablation_report(model: Model, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
+                    advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Layer ranking on the verbatim captions and the entropy difference to ordinary captions."""
+    captions = [p.caption for p in private_images() if p.kind == "verbatim"][:config.captions]
+    located = localize(model, "ablation", captions, holdout=holdout_prompts[:config.ordinary], advance=advance)
+    entropy = located.extra.get("entropy", {})
+    return {"ranking": located.extra["ranking"], "entropy": entropy,
+            "mean_entropy_difference": float(np.mean([v["difference"] for v in entropy.values()])) if entropy else None}
+
+
+def localization_report(model: Model, holdout_prompts: list[str], methods: tuple[str, ...],
+                        config: ReportConfig = ReportConfig(),
+                        advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """The sections of `methods` (nemo, wanda, salun, ablation) on one checkpoint."""
+    report: dict[str, Any] = {"config": asdict(config)}
+    for method in methods:
+        if method == "nemo":
+            report["nemo"] = nemo_report(model, holdout_prompts, config, advance=advance)
+        elif method in ("wanda", "salun"):
+            report[method] = mask_report(model, method, holdout_prompts, config, advance=advance)
+        elif method == "ablation":
+            report["ablation"] = ablation_report(model, holdout_prompts, config, advance)
+        else:
+            raise WorkbenchError(f"unknown method {method!r}; use nemo, wanda, salun or ablation")
+    return report
