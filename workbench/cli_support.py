@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -53,3 +53,16 @@ def load_model(model: Path, device: str, dtype: str, family: str):
     return workbench.load(model, device=device, dtype=dtype, family=family)
 
 
+
+
+T = TypeVar("T")
+
+
+def with_status(json_out: bool, description: str, work: Callable[[Callable[[str], None]], T]) -> T:
+    """Run `work(advance)` under a transient spinner (hidden with --json); `advance(text)` updates its line."""
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True, disable=json_out) as progress:
+        task = progress.add_task(description, total=None)
+        return work(lambda text: progress.update(task, description=escape(text)))

@@ -8,13 +8,29 @@ from typing import Annotated, Optional
 import typer
 
 from workbench.cli_support import DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, console, load_model, \
-    print_json, user_errors
+    print_json, user_errors, with_status
 
 localize_app = typer.Typer(help="Localize memorized prompts or concepts on the neuron graph.", no_args_is_help=True)
 
 PromptsOpt = Annotated[Path, typer.Option("--prompts", help="Text file, one target prompt per line.")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="Save the localization (JSON) here.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out / --graph file.")]
+
+
+def _save_mask_localization(result, out: Path, overwrite: bool, json_out: bool) -> None:
+    """Save a weight-mask localization (JSON + mask beside it) and report it."""
+    from workbench.io import check_writable
+
+    check_writable(result.mask_path(out), overwrite=overwrite)
+    result.save(out, overwrite=overwrite)
+    summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
+               "weights": result.extra["weights"],
+               "per_site": {site: int(mask.sum()) for site, mask in result.mask.items()}}
+    if json_out:
+        print_json({**result.to_json(), **summary})
+        return
+    console.print(f"{result.method}: {summary['weights']:,} weights ({summary['density']:.3%} of the masked sites) "
+                  f"→ {out}, mask {summary['mask']}", highlight=False)
 
 
 @localize_app.command("nemo")
@@ -106,7 +122,6 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
           dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
     """Wanda / ConceptPrune (Sun et al. ICLR 2024; Chavhan et al. 2024): FFN weights that carry the prompts."""
     with user_errors():
-        from rich.progress import Progress
 
         from localization.detection import read_prompts
         from localization.localize import localize
@@ -118,19 +133,9 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
         bases = read_prompts(base) if base is not None else None
         config = WandaConfig(mode=mode, skill_ratio=skill_ratio, calls=calls, sparsity=sparsity)
         loaded = load_model(model, device, dtype, family)
-        with Progress(console=console, disable=json_out, transient=True) as progress:
-            progress.add_task("wanda: column norms", total=None)
-            result = localize(loaded, "wanda", targets, config=config, holdout=bases)
-        check_writable(result.mask_path(out), overwrite=overwrite)
-        result.save(out, overwrite=overwrite)
-        summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
-                   "weights": result.extra["weights"],
-                   "per_site": {site: int(mask.sum()) for site, mask in result.mask.items()}}
-        if json_out:
-            print_json({**result.to_json(), **summary})
-            return
-        console.print(f"{mode}: {summary['weights']:,} weights ({summary['density']:.3%} of the FFN output "
-                      f"projections) → {out}, mask {summary['mask']}", highlight=False)
+        result = with_status(json_out, "wanda: column norms",
+                             lambda advance: localize(loaded, "wanda", targets, config=config, holdout=bases))
+        _save_mask_localization(result, out, overwrite, json_out)
 
 
 @localize_app.command("salun")
@@ -152,7 +157,6 @@ def salun(model: ModelArg, prompts: PromptsOpt,
         import numpy as np
         import torch
         from PIL import Image
-        from rich.progress import Progress
 
         from localization.detection import read_prompts
         from localization.localize import localize
@@ -176,19 +180,9 @@ def salun(model: ModelArg, prompts: PromptsOpt,
         config = SalUnConfig(fraction=fraction, per_layer=per_layer,
                              roles=tuple(r.strip() for r in roles.split(",")) if roles else None)
         loaded = load_model(model, device, dtype, family)
-        with Progress(console=console, disable=json_out, transient=True) as progress:
-            task = progress.add_task("salun", total=None)
-            result = localize(loaded, "salun", targets, config=config, images=forget,
-                              advance=lambda text: progress.update(task, description=text))
-        check_writable(result.mask_path(out), overwrite=overwrite)
-        result.save(out, overwrite=overwrite)
-        summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
-                   "weights": result.extra["weights"]}
-        if json_out:
-            print_json({**result.to_json(), **summary})
-            return
-        console.print(f"salun: {summary['weights']:,} salient weights ({summary['density']:.1%}) → {out}, "
-                      f"mask {summary['mask']}", highlight=False)
+        result = with_status(json_out, "salun", lambda advance: localize(loaded, "salun", targets, config=config,
+                                                                         images=forget, advance=advance))
+        _save_mask_localization(result, out, overwrite, json_out)
 
 
 @localize_app.command("ablation")
@@ -200,7 +194,6 @@ def ablation(model: ModelArg, prompts: PromptsOpt,
              device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
     """Cross-attention layer ablation: rank layers by how much switching each off lowers memorization."""
     with user_errors():
-        from rich.progress import Progress
         from rich.table import Table
 
         from localization.ablation import AblationConfig
@@ -213,10 +206,8 @@ def ablation(model: ModelArg, prompts: PromptsOpt,
         targets = read_prompts(prompts)
         ordinary = read_prompts(holdout) if holdout is not None else None
         loaded = load_model(model, device, dtype, family)
-        with Progress(console=console, disable=json_out, transient=True) as progress:
-            task = progress.add_task("ablation", total=None)
-            result = localize(loaded, "ablation", targets, config=AblationConfig(mode=mode), holdout=ordinary,
-                              advance=lambda text: progress.update(task, description=text))
+        result = with_status(json_out, "ablation", lambda advance: localize(
+            loaded, "ablation", targets, config=AblationConfig(mode=mode), holdout=ordinary, advance=advance))
         if out is not None:
             result.save(out, overwrite=overwrite)
         if json_out:

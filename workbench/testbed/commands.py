@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from workbench.cli_support import JsonOpt, ModelArg, console, load_model, print_json, user_errors
+from workbench.cli_support import JsonOpt, ModelArg, console, load_model, print_json, user_errors, with_status
 from workbench.errors import WorkbenchError
 
 testbed_app = typer.Typer(help="The project's own small models with planted, known memorization.",
@@ -86,18 +86,14 @@ def testbed_evaluate(model: ModelArg,
                      json_out: JsonOpt = False) -> None:
     """Check a testbed checkpoint against the testbed's bars (memorization, utility, detectors)."""
     with user_errors():
-        from rich.progress import Progress
-
         from workbench.testbed.classifier import load_classifier
         from workbench.testbed.dataset import build_dataset
         from workbench.testbed.evaluate import EvalConfig, evaluate
 
         loaded, concepts = load_model(model, "cpu", "float32", "auto"), load_classifier(classifier)
         data = build_dataset(seed, data_size)
-        with Progress(console=console, transient=True, disable=json_out) as progress:
-            task = progress.add_task("evaluating", total=None)
-            report = evaluate(loaded, data, concepts, EvalConfig(seeds=seeds),
-                              lambda text: progress.update(task, description=text))
+        report = with_status(json_out, "evaluating",
+                             lambda advance: evaluate(loaded, data, concepts, EvalConfig(seeds=seeds), advance))
         if json_out:
             print_json(report)
             return
@@ -139,18 +135,14 @@ def testbed_localize(model: ModelArg,
                      json_out: JsonOpt = False) -> None:
     """Localization on the verbatim-memorized captions: removed? random controls? ordinary captions unchanged?"""
     with user_errors():
-        from rich.progress import Progress
-
         from workbench.io import read_json
         from workbench.testbed.localization_report import ReportConfig, localization_report
 
         holdout = read_json(testbed, "testbed description")["holdout_prompts"]
         loaded = load_model(model, "cpu", "float32", "auto")
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
-        with Progress(console=console, transient=True, disable=json_out) as progress:
-            task = progress.add_task("localizing", total=None)
-            report = localization_report(loaded, holdout, chosen, ReportConfig(seeds=seeds),
-                                         lambda text: progress.update(task, description=text))
+        report = with_status(json_out, "localizing", lambda advance: localization_report(
+            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance))
         if json_out:
             print_json(report)
             return
