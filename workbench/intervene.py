@@ -13,7 +13,7 @@ work (`model.tracer()`); these hooks are the measured hot path (`bench/intervent
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -308,42 +308,39 @@ def ablate_per_sample(model: Model, neuron_sets: Sequence[NeuronSet], factor: fl
 
 
 @contextmanager
-def ablate_weights(model: Model, neurons: NeuronSet) -> Iterator[None]:
+def _zeroed(entries: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Zero `param[where]` for each (param, bool index) while the block runs; restore them exactly after."""
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for param, where in entries:
+                saved.append((param, where, param[where].clone()))
+                param[where] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            for param, where, original in reversed(saved):
+                param[where] = original
+
+
+def ablate_weights(model: Model, neurons: NeuronSet) -> AbstractContextManager[None]:
     """Zero weight rows and bias entries of the neurons while the block runs; restore them after."""
     neurons.validate(model.graph)
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for path, indices in neurons.items():
-                module = model.denoiser.get_submodule(path)
-                if getattr(module, "weight", None) is None:
-                    raise WorkbenchError(f"site {path} has no weights; ablate it with hooks (workbench.ablate)")
-                for param in (module.weight, getattr(module, "bias", None)):
-                    if param is not None:
-                        rows = torch.tensor(indices, device=param.device)
-                        saved.append((param, rows, param.index_select(0, rows).clone()))
-                        param.index_fill_(0, rows, 0.0)
-        yield
-    finally:
-        with torch.no_grad():
-            for param, rows, original in reversed(saved):
-                param.index_copy_(0, rows, original)
+    entries = []
+    for path, indices in neurons.items():
+        module = model.denoiser.get_submodule(path)
+        if getattr(module, "weight", None) is None:
+            raise WorkbenchError(f"site {path} has no weights; ablate it with hooks (workbench.ablate)")
+        for param in (module.weight, getattr(module, "bias", None)):
+            if param is not None:
+                rows = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+                rows[list(indices)] = True
+                entries.append((param, rows))
+    return _zeroed(entries)
 
 
-@contextmanager
-def mask_weights(model: Model, mask: WeightMask) -> Iterator[None]:
+def mask_weights(model: Model, mask: WeightMask) -> AbstractContextManager[None]:
     """Zero the masked weights (e.g. a Wanda / SalUn mask) while the block runs; restore them after."""
     mask.validate(model.graph)
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for path, selected in mask.items():
-                weight = model.module(path).weight
-                where = selected.to(weight.device)
-                saved.append((weight, where, weight[where].clone()))
-                weight[where] = 0.0
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, where, original in reversed(saved):
-                weight[where] = original
+    return _zeroed([(model.module(path).weight, selected.to(model.module(path).weight.device))
+                    for path, selected in mask.items()])
