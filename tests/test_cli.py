@@ -124,7 +124,11 @@ def test_demo_finds_memorization_in_the_shipped_unet(tmp_path):
     assert memorized["nemo"] > ordinary["nemo"]
     assert all(isinstance(summary["thresholds"][k], float) for k in ("nemo", "wen"))
     page = Path(summary["files"]["page"]).read_text()
-    assert page.count("<img ") == (1 + 2 + 1) + (2 + 1)  # training image, generations, nearest; no own image
+    found = memorized["nemo_localization"]  # detected, so NeMo localized it and switched it off
+    assert found["count"] == sum(len(v) for v in found["neurons"].values()) > 0
+    assert len(found["replication_ssim_after"]) == 2 and "nemo_localization" not in ordinary
+    # training image, generations, nearest, generations after NeMo; the ordinary caption has no own image
+    assert page.count("<img ") == (1 + 2 + 1 + 2) + (2 + 1)
     assert json.loads(Path(summary["files"]["summary"]).read_text()) == summary
 
 

@@ -71,7 +71,7 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     from workbench.testbed.localization_report import ReportConfig, nemo_report
 
     model = workbench.load(CHECKPOINTS / TESTBED["checkpoints"]["unet"])
-    config = ReportConfig(seeds=2, holdout=8, ordinary=2, captions=1)
+    config = ReportConfig(seeds=2, holdout=8, ordinary=2, captions=("a private photo number six",))
     report = nemo_report(model, TESTBED["holdout_prompts"], config, NemoLocalizationConfig())
     (caption,) = report["captions"]
     assert caption["memorized"] and caption["neurons"] > 0

@@ -19,11 +19,12 @@ WorkOpt = Annotated[Path, typer.Option(help="Folder for resumable training state
 def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit.")],
                   out: Annotated[Path, typer.Option(help="New folder for the trained diffusers pipeline.")],
                   work: WorkOpt = Path("build/testbed"),
-                  steps: Annotated[int, typer.Option(help="Denoiser training steps.")] = 8000,
+                  steps: Annotated[int, typer.Option(help="Denoiser training steps.")] = 6000,
                   vae_steps: Annotated[int, typer.Option(help="VAE training steps (the VAE is shared).")] = 1500,
                   lr: Annotated[float, typer.Option(help="AdamW learning rate of the denoiser.")] = 1e-3,
                   final_lr_fraction: Annotated[float, typer.Option(
-                      help="Cosine-decay floor of the denoiser's learning rate, as a fraction of --lr.")] = 0.1,
+                      help="Cosine-decay floor of the denoiser's learning rate, as a fraction of --lr "
+                           "(1.0: constant).")] = 1.0,
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   json_out: JsonOpt = False) -> None:

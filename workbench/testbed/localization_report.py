@@ -41,7 +41,13 @@ class ReportConfig:
     steps: int = 25
     guidance_scale: float = 5.0
     control_seed: int = 1
-    captions: int | None = None  # verbatim captions to check (None = all fourteen)
+    captions: tuple[str, ...] | None = None  # verbatim captions to check (None = all fourteen)
+
+
+def _verbatim(config: ReportConfig) -> list:
+    """The verbatim-memorized photos the report checks."""
+    photos = [p for p in private_images() if p.kind == "verbatim"]
+    return photos if config.captions is None else [p for p in photos if p.caption in config.captions]
 
 
 def _effect(model: Model, caption: str, own: torch.Tensor, threshold: float, nemo: NemoLocalizationConfig,
@@ -59,7 +65,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
                 nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
                 advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Per verbatim caption: neurons, scores and SSIMs with NeMo's set and with a random control."""
-    photos = [p for p in private_images() if p.kind == "verbatim"][:config.captions]
+    photos = _verbatim(config)
     sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
     located = localize(model, "nemo", [p.caption for p in photos], config=nemo,
                        holdout=holdout_prompts[:config.holdout], advance=advance)
@@ -107,7 +113,7 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
                 method_config: Any = None, nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
                 advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Wanda or SalUn at defaults: one mask for every verbatim caption, zeroed; against a random mask."""
-    photos = [p for p in private_images() if p.kind == "verbatim"][:config.captions]
+    photos = _verbatim(config)
     captions = [p.caption for p in photos]
     images = images_to_unit(np.stack([p.image for p in photos])) if method == "salun" else None
     located = localize(model, method, captions, config=method_config, images=images, advance=advance)
@@ -142,7 +148,7 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
 def ablation_report(model: Model, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
                     advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Layer ranking on the verbatim captions and the entropy difference to ordinary captions."""
-    captions = [p.caption for p in private_images() if p.kind == "verbatim"][:config.captions]
+    captions = [p.caption for p in _verbatim(config)]
     located = localize(model, "ablation", captions, holdout=holdout_prompts[:config.ordinary], advance=advance)
     entropy = located.extra.get("entropy", {})
     return {"ranking": located.extra["ranking"], "entropy": entropy,
