@@ -95,11 +95,12 @@ def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: fl
                    batch: int = 8) -> tuple[NeuronSet, int]:
     """In order, unblock each part if the score stays < threshold without it (it is then dropped for good).
 
-    Speculative batching: the next `batch` parts are scored against the current set at once; after the
-    first part that is dropped, the ones behind it are scored again against the smaller set. Returns
-    the remaining set and the number of sets scored.
+    Speculative batching, with the sequential decisions: the next `batch` parts are scored at once,
+    either each against the current set (after a kept part: the decisions hold up to the first drop)
+    or cumulatively, the k-th trial without the first k parts (after a dropped part: the decisions hold
+    up to the first kept part). Returns the remaining set and the number of sets scored.
     """
-    scored, position = 0, 0
+    scored, position, cumulative = 0, 0, False
     while position < len(parts):
         chunk = []  # (position, part still blocked) of the next parts that would unblock something
         while position < len(parts) and len(chunk) < batch:
@@ -109,13 +110,24 @@ def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: fl
             position += 1
         if not chunk:
             break
-        trials = [blocked - live for _, live in chunk]
+        trials, removed = [], NeuronSet()
+        for _, live in chunk:
+            removed = removed | live if cumulative else live
+            trials.append(blocked - removed)
         values = score(trials)
         scored += len(trials)
-        for (index, _), trial, value in zip(chunk, trials, values):
-            if value < threshold:
-                blocked, position = trial, index + 1  # the parts behind it are scored again
+        for offset, ((index, _), trial, value) in enumerate(zip(chunk, trials, values)):
+            dropped = value < threshold
+            if cumulative and not dropped:  # parts before it were dropped; it is kept
+                blocked = trials[offset - 1] if offset else blocked
+                position, cumulative = index + 1, False
                 break
+            if not cumulative and dropped:  # parts before it were kept; it is dropped
+                blocked, position, cumulative = trial, index + 1, True
+                break
+        else:  # every decision in the chunk went the speculated way
+            if cumulative:
+                blocked = trials[-1]
     return blocked, scored
 
 

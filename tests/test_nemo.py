@@ -234,3 +234,16 @@ def test_cli_localize_nemo_json(tiny_folders, tmp_path):
     again = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
                                      "--holdout", str(holdout), "--out", str(tmp_path / "loc.json")])
     assert again.exit_code == 2 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_refinement_equals_sequential_on_random_cases(seed):
+    generator = torch.Generator().manual_seed(seed)
+    sites = ["a", "b", "c"]
+    blocked = NeuronSet({s: torch.randperm(12, generator=generator)[:8].tolist() for s in sites})
+    pairs = list(blocked)
+    required = [pairs[i] for i in torch.randperm(len(pairs), generator=generator)[:4].tolist()]
+    sequential, _ = refine(blocked, sites, 0.5, _needs(required)[0], batch=1)
+    for batch in (2, 5, 16):
+        assert refine(blocked, sites, 0.5, _needs(required)[0], batch=batch)[0] == sequential
+    assert set(sequential) == set(required)  # every unneeded neuron goes, every needed one stays
