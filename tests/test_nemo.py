@@ -167,8 +167,11 @@ def test_localize_prompt_returns_a_refined_subset(unet_model):
 def test_bad_nemo_settings_fail_in_one_line(unet_model):
     with pytest.raises(WorkbenchError, match="site set"):
         NemoLocalizationConfig(sites="keys")
-    with pytest.raises(WorkbenchError, match="at least 2 prompts"):
-        holdout_statistics(unet_model, ["a cat"])
+    with pytest.raises(WorkbenchError, match="need prompts"):
+        holdout_statistics(unet_model, [])
+    from localization.localize import localize
+    with pytest.raises(WorkbenchError, match="at least 2 holdout prompts"):
+        localize(unet_model, "nemo", ["a red circle"], holdout=["a cat"])
     legacy = NemoLocalizationConfig(legacy=True)
     assert (legacy.top_k_on, legacy.token_mean, legacy.detection.timestep_index) == ("raw", "abs", 1)
 

@@ -3,11 +3,8 @@
 import json
 
 import torch
-from accelerate import debug_launcher
 
-import workbench
 from localization.detection import NemoConfig
-from localization.localize import localize
 from localization.nemo import NemoLocalizationConfig, holdout_statistics
 from localization.sharding import Shard, map_prompts, merge_statistics
 
@@ -34,27 +31,28 @@ def test_map_prompts_puts_shard_results_back_in_order():
         [f"r{i}" for i in range(7)]
 
 
-def _sharded_run(folder, out):
-    from accelerate.state import PartialState
+def test_accelerate_launch_runs_the_same_command_over_two_processes(tiny_folders, tmp_path):
+    """`accelerate launch` (two fresh CPU processes, gloo) finds what one process finds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from localization.sharding import current_shard
-
-    PartialState._reset_state()  # a forked child may inherit the parent's single-process state
-
-    model = workbench.load(folder)
-    shard = current_shard()
-    result = localize(model, "nemo", PROMPTS, config=CONFIG, holdout=HOLDOUT, shard=shard)
-    if shard.index == 0:
-        with open(out, "w") as f:
-            json.dump({"count": shard.count, "results": result.results,
-                       "threshold": result.provenance["threshold"]}, f)
-
-
-def test_two_processes_find_what_one_finds(tiny_folders, unet_model, tmp_path):
-    single = localize(unet_model, "nemo", PROMPTS, config=CONFIG, holdout=HOLDOUT)
-    debug_launcher(_sharded_run, args=(str(tiny_folders["unet"]), str(tmp_path / "sharded.json")), num_processes=2)
-    sharded = json.loads((tmp_path / "sharded.json").read_text())
-    assert sharded["count"] == 2
-    assert sharded["threshold"] == single.provenance["threshold"]
-    assert [r["neurons"] for r in sharded["results"]] == [r["neurons"] for r in single.results]
-    assert [r["prompt"] for r in sharded["results"]] == PROMPTS
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "h.txt").write_text("\n".join(HOLDOUT) + "\n")
+    options = ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(tmp_path / "p.txt"), "--holdout",
+               str(tmp_path / "h.txt"), "--seeds", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+    single = subprocess.run([sys.executable, "-m", "workbench.cli", *options, "--out", str(tmp_path / "single.json")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = Path(sys.executable).with_name("accelerate")
+    launched = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                               "-m", "workbench.cli", *options, "--out", str(tmp_path / "sharded.json")],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("single.json", "sharded.json"))
+    assert [r["neurons"] for r in two["results"]] == [r["neurons"] for r in one["results"]]
+    assert two["provenance"]["threshold"] == one["provenance"]["threshold"]
+    assert [r["prompt"] for r in two["results"]] == PROMPTS
