@@ -158,10 +158,15 @@ class ReplicationConfig:
     learned: tuple[str, ...] = field(default=(), metadata=_help(
         f"learned similarities to add (of {', '.join(LEARNED_METRICS)}; clip works); each needs local weights"))
     weights: str | None = field(default=None, metadata=_help("local weights folder of the learned metric"))
+    ssim_candidates: int | None = field(default=None, metadata=_help(
+        "None: SSIM against every training image (exact); k: only against each generation's k most correlated "
+        "training images (L2 between images standardised per channel, blind to colour casts); fast on large sets"))
 
     def __post_init__(self) -> None:
         if self.sigma <= 0:
             raise WorkbenchError(f"SSIM sigma must be > 0 (got {self.sigma})")
+        if self.ssim_candidates is not None and self.ssim_candidates < 1:
+            raise WorkbenchError(f"ssim_candidates must be >= 1 or None (got {self.ssim_candidates})")
         for metric in self.learned:
             check_learned_metric(metric, self.weights)
 
@@ -647,8 +652,17 @@ def nearest_training_images(generated: torch.Tensor, training: torch.Tensor,
     for metric in config.learned:
         best, index = learned_similarity(generated, training, metric, config.weights).max(dim=1)
         learned[metric] = (index, best)
-    similarity = ssim_matrix(generated, training, config.sigma)
     distance = torch.cdist(generated.flatten(1), training.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
-    best_ssim, ssim_index = similarity.max(dim=1)
     best_l2, l2_index = distance.min(dim=1)
+    k = config.ssim_candidates
+    if k is None or k >= training.shape[0]:
+        best_ssim, ssim_index = ssim_matrix(generated, training, config.sigma).max(dim=1)
+    else:
+        standard = lambda x: ((x - x.mean(dim=(2, 3), keepdim=True)) /  # noqa: E731
+                              x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)).flatten(1)
+        candidates = torch.cdist(standard(generated), standard(training)).topk(k, dim=1, largest=False).indices
+        similarity = ssim(generated.repeat_interleave(k, dim=0), training[candidates.flatten()], sigma=config.sigma,
+                          kernel_size=config.kernel_size, data_range=1.0, reduction="none").view(-1, k)
+        best_ssim, best = similarity.max(dim=1)
+        ssim_index = candidates.gather(1, best[:, None])[:, 0]
     return Replication(ssim_index, best_ssim, l2_index, best_l2, config, learned)

@@ -283,3 +283,17 @@ def test_clip_replication_from_a_local_folder_finds_the_copy(tmp_path):
     assert index.tolist() == [3, 0] and torch.allclose(similarity, torch.ones(2), atol=1e-5)
     assert result.to_json()["nearest_by_clip"] == [3, 0]
     assert learned_similarity(training, training, "clip", tmp_path / "clip").shape == (5, 5)
+
+
+def test_ssim_on_l2_candidates_finds_the_exact_nearest_when_it_is_among_them():
+    generator = torch.Generator().manual_seed(5)
+    training = torch.rand(40, 3, 16, 16, generator=generator)
+    generated = (training[[7, 21, 3]] + 0.05 * torch.randn(3, 3, 16, 16, generator=generator)).clamp(0, 1)
+    exact = nearest_training_images(generated, training)
+    fast = nearest_training_images(generated, training, ReplicationConfig(ssim_candidates=4))
+    assert fast.ssim_index.tolist() == exact.ssim_index.tolist() == [7, 21, 3]
+    assert torch.allclose(fast.ssim, exact.ssim, atol=1e-6) and torch.equal(fast.l2_index, exact.l2_index)
+    everything = nearest_training_images(generated, training, ReplicationConfig(ssim_candidates=100))
+    assert torch.equal(everything.ssim, exact.ssim)
+    with pytest.raises(WorkbenchError, match="ssim_candidates"):
+        ReplicationConfig(ssim_candidates=0)
