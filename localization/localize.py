@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,7 +50,7 @@ def _plain(value: Any) -> Any:
 @dataclass
 class Localization:
     """What a method found: per prompt (`results`, method-specific JSON) and the union of its neurons;
-    weight-mask methods (Wanda) also hold one `mask` for the whole prompt set."""
+    weight-mask methods (Wanda, SalUn) also hold one `mask` for the whole prompt set."""
 
     method: str
     results: list[dict[str, Any]]
@@ -120,15 +120,109 @@ def _check_prompts(prompts: Sequence[str], what: str) -> list[str]:
     return prompts
 
 
+@dataclass
+class _Request:
+    """One `localize` call: what every method reads, and the provenance it adds to."""
+
+    model: Model
+    method: str
+    prompts: list[str]
+    config: Any
+    provenance: dict[str, Any]
+    holdout: Sequence[str] | None
+    threshold: float | None
+    images: torch.Tensor | None
+    shard: Shard
+    advance: Callable[[str], None]
+
+    def result(self, results: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
+               mask: WeightMask | None = None) -> Localization:
+        results = results if results is not None else [{"prompt": p} for p in self.prompts]
+        if mask is not None:
+            extra = {"density": mask.density(), "weights": mask.count(), **(extra or {})}
+        return Localization(self.method, results, _plain(self.config), self.provenance, extra or {}, mask)
+
+
+def _wanda(request: _Request) -> Localization:
+    base = list(request.holdout) if request.holdout is not None else None  # "" is a valid base prompt
+    if base is not None and (not base or not all(isinstance(p, str) for p in base)):
+        raise WorkbenchError("give the base prompts as a non-empty list of strings")
+    request.advance("column norms")
+    mask = localize_weights(request.model, request.prompts, request.config, base)
+    request.provenance.update(base_sha256=prompt_set_hash(base or [""] * len(request.prompts)),
+                              seeds=f"every prompt generated from seed {request.config.seed}")
+    return request.result(mask=mask)
+
+
+def _salun(request: _Request) -> Localization:
+    images, seed = request.images, request.config.seed
+    request.provenance["forget_images"] = "given" if images is not None else f"generated, seed {seed} + i"
+    if images is None:
+        request.advance("generating the forget images")
+        images = generate(request.model, request.prompts, seed=seed)
+    request.advance("forgetting gradients")
+    mask = saliency_mask(request.model, images, request.prompts, request.config)
+    request.provenance["seeds"] = f"timesteps and noise from torch.Generator().manual_seed({seed})"
+    return request.result(mask=mask)
+
+
+def _ablation(request: _Request) -> Localization:
+    model, prompts, config = request.model, request.prompts, request.config
+    request.advance("ranking layers")
+    extra: dict[str, Any] = {"ranking": rank_layers(model, memorization_score(model, prompts, config.detection),
+                                                    config.mode, request.advance)}
+    if request.holdout is not None and config.entropy and model.family != "mmdit":
+        request.advance("attention entropy")
+        holdout = _check_prompts(request.holdout, "holdout")
+        target, ordinary = (attention_entropy(model, group, steps=config.steps, guidance_scale=config.guidance_scale)
+                            for group in (prompts, holdout))
+        extra["entropy"] = {layer: {"prompts": target[layer], "holdout": ordinary[layer],
+                                    "difference": target[layer] - ordinary[layer]} for layer in target}
+        request.provenance["holdout_sha256"] = prompt_set_hash(holdout)
+    return request.result(extra=extra)
+
+
+def _nemo(request: _Request) -> Localization:
+    model, config, shard, advance = request.model, request.config, request.shard, request.advance
+    if request.holdout is None:
+        raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
+                             "pass holdout=... or --holdout FILE")
+    holdout = _check_prompts(request.holdout, "holdout")
+    if len(holdout) < 2:
+        raise WorkbenchError("nemo needs at least 2 holdout prompts for its statistics; give more, one per line")
+    advance("holdout statistics")
+    mine = [holdout[i] for i in shard.positions(len(holdout))]
+    statistics = gather_statistics(holdout_statistics(model, mine, config) if mine else {}, shard)
+    threshold, source = request.threshold, "given"
+    if threshold is None:
+        advance("calibrating the threshold")
+        threshold = calibrate_threshold(map_prompts(lambda p: nemo_scores(model, [p], config.detection)[0].score,
+                                                    holdout, shard))
+        source = f"mean + 1 std of {len(holdout)} holdout prompts"
+
+    def search(prompt: str) -> dict[str, Any]:
+        advance(prompt)
+        return localize_prompt(model, prompt, statistics, threshold, config).to_json()
+    results = map_prompts(search, request.prompts, shard)
+    request.provenance.update(holdout_sha256=prompt_set_hash(holdout), threshold=threshold, threshold_source=source,
+                              seeds=f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
+                                    f"torch.Generator().manual_seed({config.detection.seed})")
+    return request.result(results)
+
+
+_METHOD_RUNNERS = {"nemo": _nemo, "wanda": _wanda, "salun": _salun, "ablation": _ablation}
+
+
 def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any = None,
              holdout: Sequence[str] | None = None, threshold: float | None = None,
              images: torch.Tensor | None = None, shard: Shard = Shard(),
              advance: Callable[[str], None] = lambda text: None) -> Localization:
     """Run `method` on `prompts`. For NeMo, `holdout` are non-memorized prompts (its statistics and,
     unless `threshold` is given, its threshold: mean + 1 std of their noise-consistency scores); for
-    Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization).
-    SalUn's forget set is `images` (N, 3, H, W in [0, 1]) captioned by `prompts`; without images, one
-    generation of the model per prompt (seed 0), as SalUn builds its NSFW forget set.
+    Wanda they are the base prompts (default "" per target prompt, ConceptPrune's for memorization);
+    for layer ablation, the ordinary prompts of the entropy comparison. SalUn's forget set is `images`
+    (N, 3, H, W in [0, 1]) captioned by `prompts`; without images, one generation of the model per
+    prompt, as SalUn builds its NSFW forget set.
 
     `shard` (`localization.sharding.current_shard()` under `accelerate launch`) splits NeMo's holdout
     statistics, calibration and per-prompt search over processes; every process returns the whole result."""
@@ -143,60 +237,5 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
         "model_source": str(model.source) if model.source else None, "model_tensor_sha256": model_tensor_hash(model),
         "prompts_sha256": prompt_set_hash(prompts),
     }
-    if method == "wanda":
-        base = list(holdout) if holdout is not None else None  # "" is a valid base prompt
-        if base is not None and (not base or not all(isinstance(p, str) for p in base)):
-            raise WorkbenchError("give the base prompts as a non-empty list of strings")
-        advance("column norms")
-        mask = localize_weights(model, prompts, config, base)
-        provenance.update(base_sha256=prompt_set_hash(base or [""] * len(prompts)),
-                          seeds=f"every prompt generated from seed {config.seed}")
-        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
-                            {"density": mask.density(), "weights": mask.count()}, mask)
-    if method == "salun":
-        provenance["forget_images"] = "given" if images is not None else f"generated, seed {config.seed} + i"
-        if images is None:
-            advance("generating the forget images")
-            images = generate(model, prompts, seed=config.seed)
-        advance("forgetting gradients")
-        mask = saliency_mask(model, images, prompts, config)
-        provenance.update(seeds=f"timesteps and noise from torch.Generator().manual_seed({config.seed})")
-        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance,
-                            {"density": mask.density(), "weights": mask.count()}, mask)
-    if method == "ablation":
-        advance("ranking layers")
-        ranking = rank_layers(model, memorization_score(model, prompts, config.detection), config.mode, advance)
-        extra: dict[str, Any] = {"ranking": ranking}
-        if holdout is not None and config.entropy and model.family != "mmdit":
-            advance("attention entropy")
-            target = attention_entropy(model, prompts, steps=config.steps, guidance_scale=config.guidance_scale)
-            ordinary = attention_entropy(model, _check_prompts(holdout, "holdout"), steps=config.steps,
-                                         guidance_scale=config.guidance_scale)
-            extra["entropy"] = {layer: {"prompts": target[layer], "holdout": ordinary[layer],
-                                        "difference": target[layer] - ordinary[layer]} for layer in target}
-            provenance["holdout_sha256"] = prompt_set_hash(holdout)
-        return Localization(method, [{"prompt": p} for p in prompts], _plain(config), provenance, extra)
-    if holdout is None:
-        raise WorkbenchError("nemo needs holdout prompts (non-memorized, one per line) for its statistics; "
-                             "pass holdout=... or --holdout FILE")
-    holdout = _check_prompts(holdout, "holdout")
-    if len(holdout) < 2:
-        raise WorkbenchError("nemo needs at least 2 holdout prompts for its statistics; give more, one per line")
-    advance("holdout statistics")
-    mine = [holdout[i] for i in shard.positions(len(holdout))]
-    statistics = gather_statistics(holdout_statistics(model, mine, config) if mine else {}, shard)
-    source = "given"
-    if threshold is None:
-        advance("calibrating the threshold")
-        scores = map_prompts(lambda p: nemo_scores(model, [p], config.detection)[0].score, holdout, shard)
-        threshold = calibrate_threshold(scores)
-        source = f"mean + 1 std of {len(holdout)} holdout prompts"
-
-    def search(prompt: str) -> dict[str, Any]:
-        advance(prompt)
-        return localize_prompt(model, prompt, statistics, threshold, config).to_json()
-    results = map_prompts(search, prompts, shard)
-    provenance.update(holdout_sha256=prompt_set_hash(holdout), threshold=threshold, threshold_source=source,
-                      seeds=f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
-                            f"torch.Generator().manual_seed({config.detection.seed})")
-    return Localization(method, results, _plain(config), provenance)
+    request = _Request(model, method, prompts, config, provenance, holdout, threshold, images, shard, advance)
+    return _METHOD_RUNNERS[method](request)
