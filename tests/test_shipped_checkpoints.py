@@ -78,3 +78,19 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     assert caption["nemo"]["score"] < caption["none"]["score"]
     assert caption["nemo"]["ssim_mean"] < caption["none"]["ssim_mean"]
     assert set(report["summary"]["passes"]) == {"removes_memorization", "random_does_not", "ordinary_unchanged"}
+
+
+def test_mask_report_compares_the_mask_with_a_random_one_of_equal_density():
+    from localization.wanda import WandaConfig
+    from workbench.testbed.localization_report import ReportConfig, mask_report
+
+    model = workbench.load(CHECKPOINTS / TESTBED["checkpoints"]["unet"])
+    config = ReportConfig(seeds=1, holdout=4, ordinary=2, captions=("a private photo number six",))
+    report = mask_report(model, "wanda", TESTBED["holdout_prompts"], config,
+                         WandaConfig(calls=2, steps=4, skill_ratio=0.2))
+    summary = report["summary"]
+    assert 0 < summary["density"] <= 0.4 and report["config"]["skill_ratio"] == 0.2
+    assert set(summary["ordinary_ssim_to_unedited"]) == {"wanda", "random"}
+    assert all(0 < v <= 1 + 1e-6 for v in summary["ordinary_ssim_to_unedited"].values())
+    (caption,) = report["captions"]
+    assert set(caption) == {"caption", "none", "wanda", "random"}

@@ -61,12 +61,23 @@ def _effect(model: Model, caption: str, own: torch.Tensor, threshold: float, nem
             "ssim_max": float(ssim.max())}
 
 
+def _ordinary_change(model: Model, prompts: list[str], config: "ReportConfig",
+                     edits: dict[str, Callable[[], Any]]) -> dict[str, torch.Tensor]:
+    """Per edit (a context-manager factory): SSIM of each ordinary caption's generation to its un-edited one."""
+    sample = dict(seed=0, steps=config.steps, guidance_scale=config.guidance_scale)
+    before = generate(model, prompts, **sample)
+    out = {}
+    for name, edit in edits.items():
+        with edit():
+            out[name] = torch.diagonal(ssim_matrix(generate(model, prompts, **sample), before))
+    return out
+
+
 def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
                 nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
                 advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Per verbatim caption: neurons, scores and SSIMs with NeMo's set and with a random control."""
     photos = _verbatim(config)
-    sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
     located = localize(model, "nemo", [p.caption for p in photos], config=nemo,
                        holdout=holdout_prompts[:config.holdout], advance=advance)
     threshold = located.provenance["threshold"]
@@ -87,10 +98,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     union = located.neurons
     advance("ordinary captions")
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
-    before = generate(model, ordinary, seed=0, **sample)
-    with ablate(model, union):
-        after = generate(model, ordinary, seed=0, **sample)
-    unchanged = torch.diagonal(ssim_matrix(after, before))
+    unchanged = _ordinary_change(model, ordinary, config, {"nemo": lambda: ablate(model, union)})["nemo"]
     per_site = Counter()
     for site, _ in union:
         per_site[site] += 1
@@ -130,13 +138,9 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
                 entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
         rows.append(entry)
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
-    sample = dict(steps=config.steps, guidance_scale=config.guidance_scale)
-    before = generate(model, ordinary, seed=0, **sample)
-    unchanged = {}
-    for name, chosen in ((method, mask), ("random", control)):
-        with mask_weights(model, chosen):
-            unchanged[name] = float(torch.diagonal(ssim_matrix(generate(model, ordinary, seed=0, **sample), before))
-                                    .mean())
+    unchanged = {name: float(change.mean()) for name, change in _ordinary_change(
+        model, ordinary, config, {method: lambda: mask_weights(model, mask),
+                                  "random": lambda: mask_weights(model, control)}).items()}
     mean = lambda name, key: float(np.mean([r[name][key] for r in rows]))  # noqa: E731
     summary = {"threshold": threshold, "density": mask.density(), "weights": mask.count(),
                **{f"{name}_ssim_mean": mean(name, "ssim_mean") for name in ("none", method, "random")},
