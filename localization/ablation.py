@@ -5,12 +5,16 @@ a concept.
    the null ("") prompt (`mode="null"`: the layer alone sees the empty prompt's keys and values) or by
    zero (`mode="zero"`), and the drop of a score is measured: a memorization score (NeMo's noise
    consistency, mean over prompts) or the concept classifier's probability of a label in generations.
-   Layers are ranked by the drop. For MMDiT (joint attention) the text-stream value projection
-   `add_v_proj` is zeroed instead (`mode="zero"` only).
+   Layers are ranked by the drop. For MMDiT (joint attention; our extension) a layer is its text
+   stream's keys and values: `mode="null"` gives them the values they take, at the same call, when
+   the whole denoiser sees the empty prompt (one extra denoiser pass per call); `mode="zero"` zeroes
+   the text values (`add_v_proj`).
 2. **Attention entropy** (Ren et al., "Unveiling and Mitigating Memorization in Text-to-image
    Diffusion Models through Cross Attention", ECCV 2024, §3): per layer, the entropy over text tokens
    of the cross-attention distribution, −Σ_k p_k log p_k, averaged over queries, heads and denoising
    steps (conditional branch). Memorized prompts concentrate attention on few tokens (lower entropy).
+   For MMDiT (our extension) the image queries' attention is restricted to the text tokens and
+   renormalised there: the cross-attention part of joint attention.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from workbench.models.sites import Role
 from workbench.sampling import encode, generate
 
 MODES = ("null", "zero")
+_QK_NORMS = {False: ("norm_q", "norm_k"), True: ("norm_q", "norm_added_k")}  # per head, before the product
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class AblationConfig:
 class CrossAttentionLayer:
     path: str  # the attention module
     block: str
-    query: str  # its site paths
+    query: str  # its site paths: the image-stream queries that read the text keys and values
     key: str
     value: str
 
@@ -60,8 +65,8 @@ def cross_attention_layers(model: Model) -> list[CrossAttentionLayer]:
     layers = []
     for key in model.graph.select(roles=[key_role]):
         parent = key.path.rsplit(".", 1)[0]
-        query, value = ("add_q_proj", "add_v_proj") if model.family == "mmdit" else ("to_q", "to_v")
-        layers.append(CrossAttentionLayer(parent, key.block, f"{parent}.{query}", key.path, f"{parent}.{value}"))
+        value = "add_v_proj" if model.family == "mmdit" else "to_v"
+        layers.append(CrossAttentionLayer(parent, key.block, f"{parent}.to_q", key.path, f"{parent}.{value}"))
     if not layers:
         raise WorkbenchError(f"the {model.family} denoiser has no cross-attention layers")
     return layers
@@ -84,12 +89,13 @@ def layer_ablation(model: Model, layer: CrossAttentionLayer, mode: str = "null")
         raise WorkbenchError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
     attention = model.denoiser.get_submodule(layer.path)
     if model.family == "mmdit":
-        if mode != "zero":
-            raise WorkbenchError("MMDiT joint attention supports mode='zero' only (the text-stream values)")
-        handle = model.denoiser.get_submodule(layer.value).register_forward_hook(
-            lambda module, args, output: torch.zeros_like(output))
+        if mode == "zero":
+            handles = [model.denoiser.get_submodule(layer.value).register_forward_hook(
+                lambda module, args, output: torch.zeros_like(output))]
+        else:
+            handles = _null_text_stream(model, layer)
     elif mode == "zero":
-        handle = attention.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+        handles = [attention.register_forward_hook(lambda module, args, output: torch.zeros_like(output))]
     else:
         null = _null_text(model)
         if null["encoder_hidden_states"] is None:
@@ -101,11 +107,44 @@ def layer_ablation(model: Model, layer: CrossAttentionLayer, mode: str = "null")
             for name, value in null.items():
                 kwargs[name] = value.expand(batch, *value.shape[1:])
             return args, kwargs
-        handle = attention.register_forward_pre_hook(swap, with_kwargs=True)
+        handles = [attention.register_forward_pre_hook(swap, with_kwargs=True)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _null_text_stream(model: Model, layer: CrossAttentionLayer) -> list:
+    """MMDiT null mode: before each denoiser call, the same call on the empty prompt records the layer's
+    text keys and values; the real call then uses those."""
+    null = encode(model, [""], cfg=False).kwargs
+    recorded: dict[str, torch.Tensor] = {}
+    inside = [False]
+
+    def null_pass(module, args, kwargs):
+        if inside[0]:
+            return None
+        batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        empty = {**kwargs, **{name: value.expand(batch, *value.shape[1:]) for name, value in null.items()}}
+        inside[0] = True
+        try:
+            module(*args, **empty)
+        finally:
+            inside[0] = False
+        return None
+
+    def keep_or_replace(path):
+        def hook(module, args, output):
+            if inside[0]:
+                recorded[path] = output
+                return None
+            return recorded.pop(path)
+        return hook
+
+    handles = [model.denoiser.register_forward_pre_hook(null_pass, with_kwargs=True)]
+    return handles + [model.denoiser.get_submodule(path).register_forward_hook(keep_or_replace(path))
+                      for path in (layer.key, layer.value)]
 
 
 def memorization_score(model: Model, prompts: Sequence[str], config: NemoConfig = NemoConfig()) -> Callable[[], float]:
@@ -143,8 +182,6 @@ def rank_layers(model: Model, score: Callable[[], float], mode: str = "null",
 def attention_entropy(model: Model, prompts: Sequence[str], *, steps: int = 25, guidance_scale: float = 5.0,
                       seed: int = 0) -> dict[str, float]:
     """Per cross-attention layer: mean entropy (nats) of the attention over text tokens (module docstring)."""
-    if model.family == "mmdit":
-        raise WorkbenchError("attention entropy needs cross-attention (U-Net, PixArt); MMDiT attends jointly")
     layers = cross_attention_layers(model)
     totals = {layer.path: [0.0, 0] for layer in layers}
     captured: dict[str, torch.Tensor] = {}
@@ -157,13 +194,15 @@ def attention_entropy(model: Model, prompts: Sequence[str], *, steps: int = 25, 
         handles.append(model.denoiser.get_submodule(layer.query).register_forward_hook(
             lambda m, a, out, path=layer.path: captured.__setitem__(path, out.detach())))
 
-        def entropy_hook(module, args, kwargs, out, path=layer.path, heads=attention.heads):
+        def entropy_hook(module, args, kwargs, out, path=layer.path, attention=attention):
             query, mask = captured.pop(path), captured.pop(f"{path}#mask")
             key = out.detach()
             rows = query.shape[0] // 2 if model.cfg_active else 0  # conditional half only
             query, key = query[rows:], key[rows:]
-            q = query.unflatten(-1, (heads, -1)).transpose(1, 2)
-            k = key.unflatten(-1, (heads, -1)).transpose(1, 2)
+            q = query.unflatten(-1, (attention.heads, -1)).transpose(1, 2)
+            k = key.unflatten(-1, (attention.heads, -1)).transpose(1, 2)
+            q_norm, k_norm = (getattr(attention, name, None) for name in _QK_NORMS[model.family == "mmdit"])
+            q, k = (norm(x) if norm is not None else x for norm, x in ((q_norm, q), (k_norm, k)))
             logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             if mask is not None:
                 logits = logits + mask[rows:].unsqueeze(1)

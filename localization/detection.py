@@ -11,6 +11,8 @@ Two detectors that need no training data, and replication metrics that do:
        s_ij = MS-SSIM(δ_i, δ_j),   score = max_{i<j} s_ij,   seed_i = max_{j≠i} s_ij
 
    A memorized prompt makes the first noise prediction nearly seed-independent, so s_ij is high.
+   For v-prediction models δ is taken up to a positive factor that keeps it defined at zero terminal
+   SNR (`noise_difference`).
    The paper's text gives no equation number we could verify; the details (10 latents from one
    generator seeded 1, DDIM 50 steps, guidance 0, kernel 11, betas (0.33,)*3) follow the reference
    code as described in shared/research/localization.md §1.2. Our extension for small models: on
@@ -22,6 +24,9 @@ Two detectors that need no training data, and replication metrics that do:
        d(p) = 1/(|T|·G) Σ_{t∈T} Σ_g ‖ε_θ(x_t^(g), e_p) − ε_θ(x_t^(g), e_∅)‖₂
 
    measured inside an ordinary CFG sampling loop (DDIM, 50 steps, guidance 7.5, G = 4 generations).
+   ε_θ is the denoiser's raw output: for v-prediction models that is v, whose text-conditional part
+   is the noise's divided by √ᾱ_t (nonzero at zero terminal SNR, where the noise's vanishes), and
+   the velocity for flow-matching models.
 3. **Replication** against training images: nearest neighbour by SSIM (Wang et al. 2004) and pixel
    L2, as used to count replications by Somepalli et al. (CVPR 2023) and Carlini et al. (USENIX
    Security 2023). A learned similarity (CLIP, from a local folder) is added on request
@@ -382,6 +387,22 @@ def prediction_at(model: Model, latents: torch.Tensor, timestep: torch.Tensor, c
     return uncond + config.guidance_scale * (text - uncond)
 
 
+def noise_difference(model: Model, output: torch.Tensor, x_t: torch.Tensor,
+                     timestep: torch.Tensor) -> torch.Tensor:
+    """NeMo's δ before normalisation: ε̂ − x_t from the denoiser's output at t (flow matching: v̂ − x_t).
+
+    For v-prediction, ε̂ − x_t = √ᾱ_t v̂ − (1 − √(1−ᾱ_t)) x_t vanishes at zero terminal SNR, so δ is
+    taken divided by √ᾱ_t: v̂ − x_t (1 − √(1−ᾱ_t))/√ᾱ_t, the same δ after the per-channel min–max
+    normalisation, and v̂ (the predicted −x₀) where ᾱ_t = 0.
+    """
+    scheduler = model.pipeline.scheduler
+    if scheduler.config.get("prediction_type") != "v_prediction":
+        return output - x_t
+    alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    keep = (1 - math.sqrt(1 - alpha_bar)) / math.sqrt(alpha_bar) if alpha_bar > 0 else 0.0
+    return output - keep * x_t
+
+
 def noise_differences(model: Model, prompts: Sequence[str], config: NemoConfig = NemoConfig(), *,
                       batch_size: int = 64) -> tuple[torch.Tensor, float, str]:
     """Normalised δ (P, N, C, H, W) on the model's device, the timestep used and the scheduler name.
@@ -401,7 +422,8 @@ def noise_differences(model: Model, prompts: Sequence[str], config: NemoConfig =
         cond = _repeat_rows(encode(model, chunk, cfg=cfg), config.n_seeds)
         latents = x_t.repeat(len(chunk), 1, 1, 1)
         eps = prediction_at(model, latents.to(model.dtype), timestep, cond, config).float()
-        deltas.append(minmax_per_channel(eps - latents).unflatten(0, (len(chunk), config.n_seeds)))
+        delta = noise_difference(model, eps, latents, timestep)
+        deltas.append(minmax_per_channel(delta).unflatten(0, (len(chunk), config.n_seeds)))
     return torch.cat(deltas), float(timestep), scheduler
 
 

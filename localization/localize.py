@@ -148,7 +148,7 @@ def _wanda(request: _Request) -> Localization:
     if base is not None and (not base or not all(isinstance(p, str) for p in base)):
         raise WorkbenchError("give the base prompts as a non-empty list of strings")
     request.advance("column norms")
-    mask = localize_weights(request.model, request.prompts, request.config, base)
+    mask = localize_weights(request.model, request.prompts, request.config, base, request.shard)
     request.provenance.update(base_sha256=prompt_set_hash(base or [""] * len(request.prompts)),
                               seeds=f"every prompt generated from seed {request.config.seed}")
     return request.result(mask=mask)
@@ -171,7 +171,7 @@ def _ablation(request: _Request) -> Localization:
     request.advance("ranking layers")
     extra: dict[str, Any] = {"ranking": rank_layers(model, memorization_score(model, prompts, config.detection),
                                                     config.mode, request.advance)}
-    if request.holdout is not None and config.entropy and model.family != "mmdit":
+    if request.holdout is not None and config.entropy:
         request.advance("attention entropy")
         holdout = _check_prompts(request.holdout, "holdout")
         target, ordinary = (attention_entropy(model, group, steps=config.steps, guidance_scale=config.guidance_scale)
@@ -225,7 +225,8 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
     prompt, as SalUn builds its NSFW forget set.
 
     `shard` (`localization.sharding.current_shard()` under `accelerate launch`) splits NeMo's holdout
-    statistics, calibration and per-prompt search over processes; every process returns the whole result."""
+    statistics, calibration and per-prompt search, and Wanda's column norms, over processes; every
+    process returns the whole result."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
     prompts = _check_prompts(prompts, "target")

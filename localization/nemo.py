@@ -32,7 +32,7 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
 from localization.detection import (NemoConfig, first_timesteps, initial_latents, minmax_per_channel, msssim_window,
-                                    nemo_scores, prediction_at)
+                                    nemo_scores, noise_difference, prediction_at)
 from localization.nemo_search import (SelectionSchedule, initial_selection, refine, z_scores)
 from workbench.errors import WorkbenchError
 from workbench.intervene import ablate_per_sample
@@ -56,7 +56,7 @@ class NemoLocalizationConfig:
     legacy: bool = False  # all three reference behaviours, timesteps[1] included
     detection: NemoConfig = NemoConfig()
     batch: int = 8  # candidate neuron sets scored per batched forward
-    rows_per_call: int = 64  # largest denoiser batch
+    rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
     def __post_init__(self) -> None:
         if self.sites not in SITE_CHOICES:
@@ -176,7 +176,8 @@ class MemorizationScorer:
             with ablate_per_sample(self.model, [s for s in chunk for _ in range(seeds)]):
                 eps = prediction_at(self.model, rows, self._state["timestep"], batch_cond, self.config.detection)
             self.forwards += 1
-            out += list(minmax_per_channel(eps.float() - rows.float()).unflatten(0, (len(chunk), seeds)))
+            delta = noise_difference(self.model, eps.float(), rows.float(), self._state["timestep"])
+            out += list(minmax_per_channel(delta).unflatten(0, (len(chunk), seeds)))
         return out
 
     def __call__(self, sets: list[NeuronSet]) -> list[float]:

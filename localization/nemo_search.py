@@ -10,6 +10,7 @@ so the neuron sets are identical.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -91,44 +92,63 @@ def initial_selection(activations: dict[str, torch.Tensor], z: dict[str, torch.T
     return InitialSelection(sets[index], value, False, theta, k, len(configs))
 
 
+def _next_live(blocked: NeuronSet, parts: Sequence[NeuronSet], start: int) -> tuple[int, NeuronSet] | None:
+    """The first part from `start` on that still unblocks something, with what it unblocks."""
+    for index in range(start, len(parts)):
+        live = parts[index] & blocked
+        if len(live):
+            return index, live
+    return None
+
+
 def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: float, score: Scorer,
                    batch: int = 8) -> tuple[NeuronSet, int]:
     """In order, unblock each part if the score stays < threshold without it (it is then dropped for good).
 
-    Speculative batching, with the sequential decisions: the next `batch` parts are scored at once,
-    either each against the current set (after a kept part: the decisions hold up to the first drop)
-    or cumulatively, the k-th trial without the first k parts (after a dropped part: the decisions hold
-    up to the first kept part). Returns the remaining set and the number of sets scored.
+    Speculative batching, with the sequential decisions: the upcoming decisions form a binary tree
+    (drop or keep each next part, given the decisions before it); each call scores its `batch` most
+    likely nodes, a decision taken to repeat the previous one with the frequency seen so far in this
+    pass (Laplace-smoothed). The actual decisions then walk the tree as deep as it was scored (at least
+    one decision per call). Returns the remaining set and the number of sets scored.
     """
-    scored, position, cumulative = 0, 0, False
-    while position < len(parts):
-        chunk = []  # (position, part still blocked) of the next parts that would unblock something
-        while position < len(parts) and len(chunk) < batch:
-            live = parts[position] & blocked
-            if len(live):
-                chunk.append((position, live))
-            position += 1
-        if not chunk:
-            break
-        trials, removed = [], NeuronSet()
-        for _, live in chunk:
-            removed = removed | live if cumulative else live
-            trials.append(blocked - removed)
-        values = score(trials)
-        scored += len(trials)
-        for offset, ((index, _), trial, value) in enumerate(zip(chunk, trials, values)):
-            dropped = value < threshold
-            if cumulative and not dropped:  # parts before it were dropped; it is kept
-                blocked = trials[offset - 1] if offset else blocked
-                position, cumulative = index + 1, False
-                break
-            if not cumulative and dropped:  # parts before it were kept; it is dropped
-                blocked, position, cumulative = trial, index + 1, True
-                break
-        else:  # every decision in the chunk went the speculated way
-            if cumulative:
-                blocked = trials[-1]
+    scored, repeats, decisions, previous = 0, 0, 0, False
+    start = _next_live(blocked, parts, 0)
+    while start is not None:
+        tree = _likely_tree(blocked, start, parts, batch, (repeats + 1) / (decisions + 2), previous)
+        paths = list(tree)
+        values = score([tree[path][0] - tree[path][2] for path in paths])
+        scored += len(paths)
+        dropped_at = {path: value < threshold for path, value in zip(paths, values)}
+        path: tuple[bool, ...] = ()
+        while path in tree:
+            before, index, live = tree[path]
+            dropped = dropped_at[path]
+            repeats, decisions, previous = repeats + (dropped == previous), decisions + 1, dropped
+            blocked = before - live if dropped else before
+            path += (dropped,)
+        start = _next_live(blocked, parts, index + 1)
     return blocked, scored
+
+
+def _likely_tree(blocked: NeuronSet, start: tuple[int, NeuronSet], parts: Sequence[NeuronSet], size: int,
+                 repeat: float, previous: bool) -> dict[tuple[bool, ...], tuple[NeuronSet, int, NeuronSet]]:
+    """The `size` most likely decision nodes, best first: path of decisions → (set before, part index, live part)."""
+    tree: dict[tuple[bool, ...], tuple[NeuronSet, int, NeuronSet]] = {}
+    frontier = [(-1.0, 0, (), (blocked, *start))]
+    pushed = 0
+    while frontier and len(tree) < size:
+        negative_p, _, path, node = heapq.heappop(frontier)
+        tree[path] = node
+        before, index, live = node
+        last = path[-1] if path else previous
+        for dropped in (False, True):
+            after = before - live if dropped else before
+            following = _next_live(after, parts, index + 1)
+            if following is not None:
+                pushed += 1
+                p = -negative_p * (repeat if dropped == last else 1 - repeat)
+                heapq.heappush(frontier, (-p, pushed, path + (dropped,), (after, *following)))
+    return tree
 
 
 def refine(blocked: NeuronSet, site_order: Sequence[str], threshold: float, score: Scorer,

@@ -14,7 +14,8 @@
   base prompts "" (one per target prompt), guidance 7.5, 50 steps, seed 0.
 
 Column norms accumulate on the model's device (sums of squares per call, float32); activations are
-never copied to the CPU, and sampling stops after the τ-th denoiser call.
+never copied to the CPU (only each prompt's (τ, d_in) sums are), and sampling stops after the τ-th
+denoiser call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from localization.sharding import Shard, map_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.model import Model
 from workbench.models.sites import Role, Site
@@ -99,13 +101,27 @@ def column_norms(model: Model, sums: dict[str, torch.Tensor], row_normalize: boo
             handle.remove()
 
 
-def collect_norms(model: Model, prompts: Sequence[str], config: WandaConfig) -> dict[str, torch.Tensor]:
-    """N_{t,l}: per site, (τ, d_in) column norms over every token of `prompts` (both CFG halves)."""
+def prompt_square_sums(model: Model, prompt: str, config: WandaConfig) -> dict[str, torch.Tensor]:
+    """One prompt's per-site (τ, d_in) sums of squared (row-normalised) inputs, from seed `config.seed`."""
     sums = {s.path: torch.zeros(config.calls, s.in_features, device=model.device) for s in wanda_sites(model)}
-    for prompt in prompts:  # one prompt at a time, each from `seed`, as the reference does
-        with column_norms(model, sums, config.row_normalize):
-            generate(model, [prompt], seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale)
-    return {path: total.sqrt() for path, total in sums.items()}
+    with column_norms(model, sums, config.row_normalize):
+        generate(model, [prompt], seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale)
+    return sums
+
+
+def collect_norms(model: Model, prompts: Sequence[str], config: WandaConfig,
+                  shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+    """N_{t,l}: per site, (τ, d_in) column norms over every token of `prompts` (both CFG halves).
+
+    One prompt at a time, each from `seed`, as the reference does; the per-prompt sums are added in
+    prompt order, so a sharded run (`shard`) gives the single-process norms bit for bit.
+    """
+    per_prompt = map_prompts(lambda prompt: {path: total.cpu() for path, total in
+                                             prompt_square_sums(model, prompt, config).items()}, prompts, shard)
+    totals = per_prompt[0]
+    for sums in per_prompt[1:]:
+        totals = {path: totals[path] + sums[path] for path in totals}
+    return {path: total.sqrt().to(model.device) for path, total in totals.items()}
 
 
 def top_per_row(scores: torch.Tensor, fraction: float, largest: bool = True) -> torch.Tensor:
@@ -135,17 +151,18 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, config: WandaConfig) -
 
 
 def localize_weights(model: Model, prompts: Sequence[str], config: WandaConfig = WandaConfig(),
-                     base_prompts: Sequence[str] | None = None) -> WeightMask:
-    """The weight mask of `config.mode` for the target `prompts` (base: "" per prompt by default)."""
+                     base_prompts: Sequence[str] | None = None, shard: Shard = Shard()) -> WeightMask:
+    """The weight mask of `config.mode` for the target `prompts` (base: "" per prompt by default);
+    `shard` splits the prompts over processes (`localization.sharding`)."""
     if not prompts:
         raise WorkbenchError("give at least one target prompt")
-    target = collect_norms(model, prompts, config)
+    target = collect_norms(model, prompts, config, shard)
     masks = {}
     if config.mode == "wanda":
         for path, norms in target.items():
             masks[path] = wanda_mask(model.module(path).weight, norms, config).cpu()
         return WeightMask(masks)
-    base = collect_norms(model, list(base_prompts) if base_prompts is not None else [""] * len(prompts), config)
+    base = collect_norms(model, list(base_prompts) if base_prompts is not None else [""] * len(prompts), config, shard)
     for path, norms in target.items():
         masks[path] = conceptprune_mask(model.module(path).weight, norms, base[path], config).cpu()
     return WeightMask(masks)

@@ -8,7 +8,6 @@ import torch
 from localization.ablation import (attention_entropy, cross_attention_layers, layer_ablation, memorization_score,
                                    rank_layers)
 from localization.detection import NemoConfig
-from workbench.errors import WorkbenchError
 from workbench.intervene import ablate
 from workbench.neurons import NeuronSet
 from workbench.sampling import predict
@@ -60,19 +59,51 @@ def test_entropy_is_log_tokens_when_keys_are_zero(unet_model):
     assert all(e == pytest.approx(math.log(tokens), abs=1e-5) for e in uniform.values())
 
 
-def test_mmdit_supports_zero_only(tiny_folders):
+def test_mmdit_null_mode_gives_the_layer_the_empty_prompts_text_keys_and_values(tiny_folders):
     import workbench
 
     model = workbench.load(tiny_folders["mmdit"])
-    layer = cross_attention_layers(model)[0]
-    assert layer.value.endswith("add_v_proj")
-    with pytest.raises(WorkbenchError, match="zero"):
-        with layer_ablation(model, layer, "null"):
-            pass
+    layer = cross_attention_layers(model)[1]
+    assert layer.key.endswith("add_k_proj") and layer.value.endswith("add_v_proj") and layer.query.endswith("to_q")
+    latents = torch.randn(2, model.denoiser.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts, record = ["a red circle", "a blue square"], {}
+
+    def capture():  # registered last, a hook sees the outputs the attention goes on to use
+        return [model.denoiser.get_submodule(path).register_forward_hook(
+            lambda m, a, out, path=path: record.__setitem__(path, out)) for path in (layer.key, layer.value)]
+
+    def run(texts):
+        handles = capture()
+        out = predict(model, latents, 500, texts)
+        for handle in handles:
+            handle.remove()
+        return out, dict(record)
+    _, empty = run(["", ""])
+    plain, prompted = run(prompts)
+    with layer_ablation(model, layer, "null"):
+        ablated, used = run(prompts)
+    for path in (layer.key, layer.value):
+        assert torch.allclose(used[path], empty[path], atol=1e-6)
+        assert not torch.allclose(prompted[path], empty[path], atol=1e-4)
+    assert not torch.allclose(ablated, plain, atol=1e-5)
     with layer_ablation(model, layer, "zero"):
-        predict(model, torch.randn(1, model.denoiser.config.in_channels, 8, 8), 500, ["a cat"])
-    with pytest.raises(WorkbenchError, match="cross-attention"):
-        attention_entropy(model, ["a cat"])
+        assert not torch.allclose(predict(model, latents, 500, prompts), plain, atol=1e-5)
+
+
+def test_mmdit_entropy_is_over_the_text_tokens(tiny_folders):
+    import workbench
+    from workbench.sampling import encode
+
+    model = workbench.load(tiny_folders["mmdit"])
+    layers = cross_attention_layers(model)
+    tokens = encode(model, ["a red circle"], cfg=False).kwargs["encoder_hidden_states"].shape[1]
+    entropy = attention_entropy(model, ["a red circle"], steps=2)
+    assert set(entropy) == {layer.path for layer in layers}
+    assert all(0 <= e < math.log(tokens) for e in entropy.values())
+    keys = NeuronSet({layer.key: range(model.graph.site(layer.key).out_features) for layer in layers})
+    with ablate(model, keys):  # zero text keys: uniform attention over the text tokens
+        uniform = attention_entropy(model, ["a red circle"], steps=2)
+    assert all(e == pytest.approx(math.log(tokens), abs=1e-5) for e in uniform.values())
 
 
 def test_cli_localize_ablation_json(tiny_folders, tmp_path):

@@ -8,6 +8,8 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 from typer.testing import CliRunner
 
+import workbench
+
 from localization.detection import (
     NemoConfig,
     ReplicationConfig,
@@ -78,6 +80,29 @@ def test_noise_difference_is_the_first_step_prediction_minus_latent(unet_model):
     assert torch.equal(x_t, torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)))  # one generator
     eps = predict(unet_model, x_t, timestep, ["a red circle"] * 3, guidance_scale=0.0)
     torch.testing.assert_close(deltas[0], minmax_per_channel(eps - x_t), atol=1e-5, rtol=1e-5)
+
+
+def test_v_prediction_delta_is_the_rescaled_noise_difference(tiny_folders):
+    """δ of a v-prediction model: (ε̂ − x_t)/√ᾱ at ᾱ > 0 (same after min–max), v̂ at zero terminal SNR."""
+    from diffusers import DDIMScheduler
+
+    model = workbench.load(tiny_folders["unet"])
+    model.pipeline.scheduler = DDIMScheduler.from_config(
+        model.pipeline.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing")
+    alphas = model.pipeline.scheduler.alphas_cumprod
+    for config in (FAST_NEMO, NemoConfig(n_seeds=3, steps=5, legacy=True)):
+        deltas, timestep, _ = noise_differences(model, ["a red circle"], config)
+        x_t = initial_latents(model, config)
+        v = predict(model, x_t, torch.tensor(timestep), ["a red circle"] * 3, guidance_scale=0.0)
+        alpha = alphas[int(timestep)]
+        if alpha == 0:
+            assert timestep == 999.0
+            expected = v
+        else:
+            assert 0 < alpha < 0.5
+            expected = alpha.sqrt() * v + (1 - alpha).sqrt() * x_t - x_t  # ε̂ − x_t, unscaled
+        torch.testing.assert_close(deltas[0], minmax_per_channel(expected), atol=1e-4, rtol=1e-4)
 
 
 def test_legacy_uses_the_second_timestep_on_the_same_latents(unet_model):

@@ -103,6 +103,18 @@ def test_batched_refinement_makes_the_sequential_decisions(batch):
     assert batched == sequential == NeuronSet({"a": [4], "b": [1, 3]})
 
 
+def test_speculation_learns_alternating_decisions():
+    """Drop, keep, drop, ...: the tree follows the pattern once seen, far beyond one decision per call."""
+    blocked = NeuronSet({"a": range(24)})
+    score, log = _needs([("a", i) for i in range(1, 24, 2)])
+    remaining, scored = greedy_removal(blocked, [NeuronSet({"a": [i]}) for i in range(24)], 0.5, score, batch=8)
+    assert remaining == NeuronSet({"a": range(1, 24, 2)})
+    assert len(log) <= 6 and scored == sum(len(call) for call in log)
+    sequential_log = _needs([("a", i) for i in range(1, 24, 2)])
+    greedy_removal(blocked, [NeuronSet({"a": [i]}) for i in range(24)], 0.5, sequential_log[0], batch=1)
+    assert len(sequential_log[1]) == 24
+
+
 def test_greedy_removal_skips_parts_already_gone():
     score, log = _needs([])
     remaining, scored = greedy_removal(NeuronSet({"a": [0]}), [NeuronSet({"a": [0]}), NeuronSet({"a": [0]})],

@@ -7,6 +7,7 @@ import torch
 from localization.detection import NemoConfig
 from localization.nemo import NemoLocalizationConfig, holdout_statistics
 from localization.sharding import Shard, map_prompts, merge_statistics
+from localization.wanda import WandaConfig, collect_norms
 
 CONFIG = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5))
 PROMPTS = ["a red circle", "a red square", "a cat in the city"]
@@ -22,6 +23,16 @@ def test_merged_shard_statistics_equal_one_pass(unet_model):
         assert merged[site].count == stats.count
         assert torch.allclose(merged[site].mean, stats.mean, rtol=1e-12, atol=1e-12)
         assert torch.allclose(merged[site].std, stats.std, rtol=1e-9, atol=1e-12)
+
+
+def test_sharded_wanda_norms_equal_one_process_bit_for_bit(unet_model):
+    config = WandaConfig(calls=2, steps=4)
+    other: list = []  # shard 1's per-prompt sums, handed to shard 0's gather as accelerate would
+    collect_norms(unet_model, PROMPTS, config, Shard(1, 2, gather=lambda mine: other.extend(mine) or mine))
+    sharded = collect_norms(unet_model, PROMPTS, config, Shard(0, 2, gather=lambda mine: mine + other))
+    whole = collect_norms(unet_model, PROMPTS, config)
+    assert len(other) == 1 and sharded.keys() == whole.keys()
+    assert all(torch.equal(sharded[path], whole[path]) for path in whole)
 
 
 def test_map_prompts_puts_shard_results_back_in_order():

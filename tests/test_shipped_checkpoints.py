@@ -78,6 +78,8 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     assert caption["nemo"]["score"] < caption["none"]["score"]
     assert caption["nemo"]["ssim_mean"] < caption["none"]["ssim_mean"]
     assert set(report["summary"]["passes"]) == {"removes_memorization", "random_does_not", "ordinary_unchanged"}
+    assert 0 < caption["ordinary_ssim_to_unablated_mean"] == report["summary"]["ordinary_ssim_to_unablated_mean"] <= 1
+    assert 0 < report["summary"]["ordinary_ssim_with_union_off_mean"] <= 1 + 1e-6
 
 
 def test_mask_report_compares_the_mask_with_a_random_one_of_equal_density():

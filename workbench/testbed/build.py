@@ -6,6 +6,8 @@ temporary sibling of `out` and renamed into place, so `out` is either complete o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +52,15 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),
                                   batch_size=config.batch_size),
-                   work / f"{config.family}-{data.fingerprint()[:12]}", show_progress)
+                   work / f"{config.family}-{data.fingerprint()[:12]}-{objective_tag(pipe.scheduler)}", show_progress)
     return save_pipeline(pipe, out)
+
+
+def objective_tag(scheduler) -> str:
+    """8 hex digits of the scheduler's settings: a changed noise schedule or prediction target never
+    resumes a run trained on another."""
+    settings = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def save_pipeline(pipe, out: Path) -> Path:

@@ -3,8 +3,9 @@
 - **NeMo**: for each verbatim-memorized caption, its refined neurons (`localization.localize`); with
   them switched off (a) the noise-consistency score against the calibrated threshold and (b) the
   replication SSIM of generations to the training image; the same for a random set with the same
-  per-layer counts. Ordinary captions are generated with the union of all refined sets off (the edit
-  one would ship) and compared with their un-ablated generations (SSIM, same seeds).
+  per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
+  their un-ablated generations, same seeds, over all sets) and with the union of all sets off (the
+  edit one would ship for all captions at once), and compared with their un-ablated generations.
 - **Wanda / SalUn**: one mask for all verbatim captions at the method's defaults, applied as zeroed
   weights; the same measurements against a random mask of equal density per site.
 - **Layer ablation**: the ranking of cross-attention layers and the attention-entropy difference
@@ -98,7 +99,15 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     union = located.neurons
     advance("ordinary captions")
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
-    unchanged = _ordinary_change(model, ordinary, config, {"nemo": lambda: ablate(model, union)})["nemo"]
+    edits = {"union": lambda: ablate(model, union)}
+    edits.update({row["caption"]: (lambda neurons=neurons: ablate(model, neurons))
+                  for row, neurons in zip(rows, located.per_prompt()) if len(neurons)})
+    changes = _ordinary_change(model, ordinary, config, edits)
+    unchanged = changes.pop("union")
+    for row in rows:
+        change = changes.get(row["caption"])
+        row["ordinary_ssim_to_unablated_mean"] = float(change.mean()) if change is not None else None
+    own_set = [row["ordinary_ssim_to_unablated_mean"] for row in rows if row["caption"] in changes]
     per_site = Counter()
     for site, _ in union:
         per_site[site] += 1
@@ -107,13 +116,14 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
         "removed": float(np.mean([r["removed"] for r in rows])),
         "random_removed": float(np.mean([r["random_removed"] for r in rows])),
         "neurons_per_caption": [r["neurons"] for r in rows], "union_per_site": dict(per_site),
-        "ordinary_ssim_to_unablated_mean": float(unchanged.mean()),
+        "ordinary_ssim_to_unablated_mean": float(np.mean(own_set)) if own_set else None,
+        "ordinary_ssim_with_union_off_mean": float(unchanged.mean()),
     }
     summary["passes"] = {"removes_memorization": summary["removed"] >= 0.8,
                          "random_does_not": summary["random_removed"] < summary["removed"],
-                         "ordinary_unchanged": summary["ordinary_ssim_to_unablated_mean"] >= 0.9}
+                         "ordinary_unchanged": bool(own_set) and summary["ordinary_ssim_to_unablated_mean"] >= 0.9}
     return {"config": asdict(config), "summary": summary, "captions": rows,
-            "ordinary": [{"prompt": p, "ssim_to_unablated": float(s)} for p, s in zip(ordinary, unchanged)],
+            "ordinary_with_union_off": [{"prompt": p, "ssim_to_unablated": float(s)} for p, s in zip(ordinary, unchanged)],
             "localization": located.to_json()}
 
 
