@@ -161,7 +161,7 @@ def _salun(request: _Request) -> Localization:
         request.advance("generating the forget images")
         images = generate(request.model, request.prompts, seed=seed)
     request.advance("forgetting gradients")
-    mask = saliency_mask(request.model, images, request.prompts, request.config)
+    mask = saliency_mask(request.model, images, request.prompts, request.config, request.shard)
     request.provenance["seeds"] = f"timesteps and noise from torch.Generator().manual_seed({seed})"
     return request.result(mask=mask)
 
@@ -225,8 +225,8 @@ def localize(model: Model, method: str, prompts: Sequence[str], *, config: Any =
     prompt, as SalUn builds its NSFW forget set.
 
     `shard` (`localization.sharding.current_shard()` under `accelerate launch`) splits NeMo's holdout
-    statistics, calibration and per-prompt search, and Wanda's column norms, over processes; every
-    process returns the whole result."""
+    statistics, calibration and per-prompt search, Wanda's column norms and SalUn's forget batches over
+    processes; every process returns the whole result."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown localization method {method!r}; use one of {', '.join(METHODS)}")
     prompts = _check_prompts(prompts, "target")

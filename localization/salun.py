@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from localization.sharding import Shard
 from workbench.errors import WorkbenchError
 from workbench.models.model import Model
 from workbench.neurons import WeightMask
@@ -54,8 +55,13 @@ def encode_images(model: Model, images: torch.Tensor) -> torch.Tensor:
 
 
 def forget_gradients(model: Model, images: torch.Tensor, captions: Sequence[str],
-                     config: SalUnConfig = SalUnConfig()) -> dict[str, torch.Tensor]:
-    """G: per site weight, the gradient of −MSE(target, ε̃) summed over every forget batch."""
+                     config: SalUnConfig = SalUnConfig(), shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+    """G: per site weight, the gradient of −MSE(target, ε̃) summed over every forget batch.
+
+    Every batch's noise and timesteps are drawn up front from one generator seeded `seed`, so a
+    sharded run (`shard`: each process takes every count-th batch; the sums are then added) sees the
+    same batches as one process; its G differs only by the order of floating-point additions.
+    """
     if images.ndim != 4 or len(images) != len(captions) or not len(captions):
         raise WorkbenchError(f"give one caption per forget image ({len(images)} images, {len(captions)} captions)")
     sites = [s for s in model.graph.select(roles=list(config.roles) if config.roles else None) if s.weight_shape]
@@ -64,6 +70,12 @@ def forget_gradients(model: Model, images: torch.Tensor, captions: Sequence[str]
     weights = {s.path: model.module(s.path).weight for s in sites}
     latents = encode_images(model, images)
     generator = torch.Generator().manual_seed(config.seed)
+    batches = []
+    for _ in range(config.repeats):
+        for start in range(0, len(captions), config.batch_size):
+            shape = latents[start:start + config.batch_size].shape
+            noise = torch.randn(shape, generator=generator)
+            batches.append((start, noise, sample_timesteps(model.pipeline.scheduler, shape[0], generator)))
     gradients = {path: torch.zeros_like(w, dtype=torch.float32) for path, w in weights.items()}
     flags = {p: p.requires_grad for p in model.denoiser.parameters()}
     for parameter in model.denoiser.parameters():
@@ -71,27 +83,29 @@ def forget_gradients(model: Model, images: torch.Tensor, captions: Sequence[str]
     for weight in weights.values():
         weight.requires_grad_(True)
     try:
-        for _ in range(config.repeats):
-            for start in range(0, len(captions), config.batch_size):
-                clean = latents[start:start + config.batch_size]
-                prompts = list(captions[start:start + config.batch_size])
-                noise = torch.randn(clean.shape, generator=generator).to(clean)
-                timestep = sample_timesteps(model.pipeline.scheduler, len(clean), generator).to(model.device)
-                noisy, target = noised(model.pipeline.scheduler, clean, noise, timestep)
-                with torch.no_grad():
-                    cond = encode(model, prompts, cfg=True).kwargs
-                out = model.adapter.denoise(model.denoiser, torch.cat([noisy, noisy]), torch.cat([timestep, timestep]),
-                                            cond)
-                uncond, text = out.float().chunk(2)
-                combined = (1 + config.guidance_scale) * text - config.guidance_scale * uncond
-                loss = -F.mse_loss(combined, target.float())
-                grads = torch.autograd.grad(loss, list(weights.values()))
-                for path, grad in zip(weights, grads):
-                    gradients[path] += grad.float()
+        for position in shard.positions(len(batches)):
+            start, noise, timestep = batches[position]
+            clean = latents[start:start + config.batch_size]
+            prompts = list(captions[start:start + config.batch_size])
+            timestep = timestep.to(model.device)
+            noisy, target = noised(model.pipeline.scheduler, clean, noise.to(clean), timestep)
+            with torch.no_grad():
+                cond = encode(model, prompts, cfg=True).kwargs
+            out = model.adapter.denoise(model.denoiser, torch.cat([noisy, noisy]), torch.cat([timestep, timestep]),
+                                        cond)
+            uncond, text = out.float().chunk(2)
+            combined = (1 + config.guidance_scale) * text - config.guidance_scale * uncond
+            loss = -F.mse_loss(combined, target.float())
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for path, grad in zip(weights, grads):
+                gradients[path] += grad.float()
     finally:
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
-    return gradients
+    if shard.count == 1:
+        return gradients
+    parts = shard.gather([{path: g.cpu() for path, g in gradients.items()}])
+    return {path: torch.stack([part[path] for part in parts]).sum(0).to(model.device) for path in gradients}
 
 
 def top_fraction(scores: dict[str, torch.Tensor], fraction: float, per_layer: bool = False) -> WeightMask:
@@ -115,7 +129,7 @@ def _top(values: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def saliency_mask(model: Model, images: torch.Tensor, captions: Sequence[str],
-                  config: SalUnConfig = SalUnConfig()) -> WeightMask:
-    """SalUn's mask: the top `fraction` of |G| (module docstring)."""
-    gradients = forget_gradients(model, images, captions, config)
+                  config: SalUnConfig = SalUnConfig(), shard: Shard = Shard()) -> WeightMask:
+    """SalUn's mask: the top `fraction` of |G| (module docstring); `shard` splits the forget batches."""
+    gradients = forget_gradients(model, images, captions, config, shard)
     return top_fraction({p: g.abs().cpu() for p, g in gradients.items()}, config.fraction, config.per_layer)

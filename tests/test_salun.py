@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from localization.salun import SalUnConfig, encode_images, forget_gradients, saliency_mask, top_fraction
+from localization.sharding import Shard
 from workbench.errors import WorkbenchError
 from workbench.noising import noised, sample_timesteps
 from workbench.sampling import encode
@@ -58,6 +59,19 @@ def test_saliency_mask_keeps_the_fraction_and_leaves_the_model_alone(unet_model)
     assert mask == saliency_mask(unet_model, _images(3), ["a red circle", "a cat", "a blue square"], config)
     assert all(torch.equal(v, before[k]) for k, v in unet_model.denoiser.state_dict().items())
     assert [p.requires_grad for p in unet_model.denoiser.parameters()] == flags
+
+
+def test_two_shards_sum_to_the_single_process_gradient(unet_model):
+    config = SalUnConfig(batch_size=1, repeats=2, roles=("cross_attn_value",))
+    images, captions = _images(3), ["a red circle", "a cat", "a blue square"]
+    other: list = []  # shard 1's sums, handed to shard 0's gather as accelerate would
+    forget_gradients(unet_model, images, captions, config, Shard(1, 2, gather=lambda mine: other.extend(mine) or mine))
+    sharded = forget_gradients(unet_model, images, captions, config, Shard(0, 2, gather=lambda mine: mine + other))
+    whole = forget_gradients(unet_model, images, captions, config)
+    assert len(other) == 1 and sharded.keys() == whole.keys()
+    for path in whole:  # 6 batches: shard 0 takes 0, 2, 4 and shard 1 takes 1, 3, 5
+        assert torch.allclose(sharded[path], whole[path], rtol=1e-5, atol=1e-7), path
+        assert not torch.allclose(other[0][path], whole[path], rtol=1e-3)
 
 
 def test_saliency_runs_on_every_family(tiny_model):
