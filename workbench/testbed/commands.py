@@ -124,8 +124,6 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
                           f"checkpoints {', '.join(checkpoints) or 'none yet'}")
 
 
-
-
 @testbed_app.command("localize")
 def testbed_localize(model: ModelArg,
                      testbed: Annotated[Path, typer.Option(help="testbed.json with the held-out captions.")] = Path(
