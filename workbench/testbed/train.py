@@ -1,8 +1,9 @@
 """Training the testbed from scratch: the shared VAE, then one denoiser (+ its text encoders) per family.
 
-Objectives follow each family's scheduler: ε-prediction (DDPM, Ho et al. 2020, eq. 14) for the U-Net
-and PixArt; rectified flow (Esser et al. 2024, SD3 paper, eq. 2 with uniform t) for the MMDiT, whose
-velocity target is ε − x₀. Text is encoded with the pipeline's own `encode_prompt`, so training sees
+Objectives follow each family's scheduler (`workbench.noising`): v-prediction on a zero-terminal-SNR
+schedule (Salimans & Ho 2022 §4; Lin et al. 2024) for the U-Net and PixArt, see `models.DDIM_SCHEDULE`;
+rectified flow (Esser et al. 2024, SD3 paper, eq. 2 with uniform t) for the MMDiT, whose velocity
+target is ε − x₀. Text is encoded with the pipeline's own `encode_prompt`, so training sees
 exactly the embeddings inference will; 10 % of captions are dropped to "" for classifier-free guidance.
 """
 
@@ -76,7 +77,7 @@ class DenoiserConfig:
 
 def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config: DenoiserConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """The training loss of one batch drawn from `generator` (ε-prediction or rectified-flow MSE)."""
+    """The training loss of one batch drawn from `generator` (MSE to the scheduler's target)."""
     pipe = model.pipeline
     index = torch.randint(len(latents), (config.batch_size,), generator=generator)
     dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
