@@ -116,6 +116,8 @@ def collect_norms(model: Model, prompts: Sequence[str], config: WandaConfig,
     One prompt at a time, each from `seed`, as the reference does; the per-prompt sums are added in
     prompt order, so a sharded run (`shard`) gives the single-process norms bit for bit.
     """
+    if not prompts:
+        raise WorkbenchError("column norms need at least one prompt")
     per_prompt = map_prompts(lambda prompt: {path: total.cpu() for path, total in
                                              prompt_square_sums(model, prompt, config).items()}, prompts, shard)
     totals = per_prompt[0]

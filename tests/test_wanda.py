@@ -81,10 +81,11 @@ def test_masked_weights_change_the_output_and_are_restored(unet_model):
     assert torch.equal(weight, before) and not torch.equal(plain, pruned)
 
 
-def test_bad_wanda_settings_fail_in_one_line():
+def test_bad_wanda_settings_fail_in_one_line(unet_model):
     for build, match in ((lambda: WandaConfig(mode="sparsegpt"), "unknown Wanda mode"),
                          (lambda: WandaConfig(skill_ratio=0), "skill_ratio"),
-                         (lambda: WandaConfig(calls=60), "calls")):
+                         (lambda: WandaConfig(calls=60), "calls"),
+                         (lambda: collect_norms(unet_model, [], WandaConfig()), "at least one prompt")):
         with pytest.raises(WorkbenchError, match=match):
             build()
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
     return save_pipeline(pipe, out)
 
 
-def objective_tag(scheduler) -> str:
+def objective_tag(scheduler: Any) -> str:
     """8 hex digits of the scheduler's settings: a changed noise schedule or prediction target never
     resumes a run trained on another."""
     settings = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}

@@ -123,7 +123,8 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
                          "random_does_not": summary["random_removed"] < summary["removed"],
                          "ordinary_unchanged": bool(own_set) and summary["ordinary_ssim_to_unablated_mean"] >= 0.9}
     return {"config": asdict(config), "summary": summary, "captions": rows,
-            "ordinary_with_union_off": [{"prompt": p, "ssim_to_unablated": float(s)} for p, s in zip(ordinary, unchanged)],
+            "ordinary_with_union_off": [{"prompt": p, "ssim_to_unablated": float(s)}
+                                        for p, s in zip(ordinary, unchanged)],
             "localization": located.to_json()}
 
 
