@@ -29,10 +29,19 @@ def test_shipped_folder_is_a_small_plain_diffusers_pipeline(family):
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 15 * 2**20, f"{folder} is {size / 2**20:.1f} MB"
     assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
-    # diffusers needs absent components named: SD3 without T5 (text_encoder_3, tokenizer_3 saved as null)
-    absent = {"text_encoder_3": None, "tokenizer_3": None} if family == "mmdit" else {}
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert type(pipe).__name__ == PIPELINES[family]
+
+
+def test_the_mmdit_t5_stand_in_gives_the_pipelines_own_no_t5_embeddings():
+    folder = CHECKPOINTS / TESTBED["checkpoints"]["mmdit"]
+    with_t5 = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    without = DiffusionPipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
+    prompt = dict(prompt="a private photo number three", prompt_2=None, prompt_3=None, device="cpu",
+                  do_classifier_free_guidance=True, max_sequence_length=32)
+    for a, b in zip(with_t5.encode_prompt(**prompt), without.encode_prompt(**prompt)):
+        assert torch.equal(a, b)
+    assert with_t5.encode_prompt(**prompt)[0][:, -32:].abs().sum() == 0  # T5's slot: zeros, as without T5
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

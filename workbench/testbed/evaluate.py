@@ -24,6 +24,7 @@ from workbench.sampling import generate
 from workbench.testbed.captions import parse
 from workbench.testbed.classifier import ConceptClassifier, images_to_unit
 from workbench.testbed.dataset import TestbedData
+from workbench.testbed.describe import GENERATION
 from workbench.testbed.private import private_images
 
 FOLLOWED_HEADS = ("subject", "colour", "style")  # the concepts a caption asks for by name
@@ -34,8 +35,8 @@ class EvalConfig:
     seeds: int = 8
     min_seeds: int = 6
     ssim_bar: float = 0.85
-    steps: int = 25
-    guidance_scale: float = 5.0
+    steps: int = GENERATION["steps"]
+    guidance_scale: float = GENERATION["guidance"]  # the testbed's generation settings (testbed.json)
     ordinary_prompts: int = 32
     ordinary_seeds: int = 2
     wen_generations: int = 4

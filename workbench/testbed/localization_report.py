@@ -31,6 +31,7 @@ from workbench.models.model import Model
 from workbench.neurons import NeuronSet
 from workbench.sampling import generate
 from workbench.testbed.classifier import images_to_unit
+from workbench.testbed.describe import GENERATION
 from workbench.testbed.private import private_images
 
 
@@ -39,8 +40,8 @@ class ReportConfig:
     seeds: int = 8  # generations per caption
     holdout: int = 32  # held-out captions for NeMo's statistics and threshold
     ordinary: int = 16  # ordinary captions checked for side effects
-    steps: int = 25
-    guidance_scale: float = 5.0
+    steps: int = GENERATION["steps"]
+    guidance_scale: float = GENERATION["guidance"]
     control_seed: int = 1
     captions: tuple[str, ...] | None = None  # verbatim captions to check (None = all fourteen)
 

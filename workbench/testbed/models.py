@@ -80,6 +80,19 @@ def _pixart_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> PixArtAlph
                                scheduler=scheduler)
 
 
+def _zero_t5(tokenizer: CLIPTokenizer, hidden: int) -> T5EncoderModel:
+    """SD3's third text encoder as a one-layer T5 whose final norm is zero: it outputs exactly the zeros
+    that `StableDiffusion3Pipeline` puts in T5's place when it has none, so the MMDiT is trained on
+    CLIP alone, yet its folder loads with a bare `DiffusionPipeline.from_pretrained(folder)` (diffusers
+    0.42 refuses an SD3 folder without T5 unless the caller names the absent parts). Never trained."""
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=hidden, num_layers=1,
+                                      num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        encoder.encoder.final_layer_norm.weight.zero_()
+    return encoder.requires_grad_(False)
+
+
 def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
     transformer = SD3Transformer2DModel(
         sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
@@ -88,7 +101,7 @@ def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusi
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
                                     vae=vae, text_encoder=_clip_text(tokenizer, 32, True), tokenizer=tokenizer,
                                     text_encoder_2=_clip_text(tokenizer, 32, True), tokenizer_2=tokenizer,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=_zero_t5(tokenizer, 64), tokenizer_3=tokenizer)
 
 
 _BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL], Any]] = {
