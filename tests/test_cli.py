@@ -93,6 +93,8 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["generate", "{unet}", "--prompt", "a cat", "--out", "{tmp}/x.jpg"], "must end in .png"),
     (["generate", "{unet}", "--prompt", "a cat", "--out", "{tmp}/x.png", "--ablate", "{tmp}/none.json"], "not found"),
     (["graph", "{unet}", "--out", "{tmp}"], "already exists"),
+    (["testbed", "localize", "{unet}", "--sites", "every"], "unknown NeMo site set"),
+    (["testbed", "localize", "{unet}", "--legacy", "--nemo-steps", "1"], ">= 2 with legacy"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tiny_folders, tmp_path, args, match):
     filled = [a.format(tmp=tmp_path, unet=tiny_folders["unet"]) for a in args]

@@ -131,17 +131,25 @@ def testbed_localize(model: ModelArg,
                      methods: Annotated[str, typer.Option(help="Comma-separated: nemo, wanda, salun, ablation.")]
                      = "nemo,wanda,salun,ablation",
                      seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
+                     sites: Annotated[str, typer.Option(help="NeMo's sites: official or all_value.")] = "official",
+                     legacy: Annotated[bool, typer.Option(help="NeMo as its reference code: timesteps[1], top-k on "
+                                                               "raw activations, absolute token mean.")] = False,
+                     nemo_steps: Annotated[int, typer.Option(help="Scheduler steps of NeMo's score (it reads the "
+                                                                  "first timestep, the second with --legacy).")] = 50,
                      json_out: JsonOpt = False) -> None:
     """Localization on the verbatim-memorized captions: removed? random controls? ordinary captions unchanged?"""
     with user_errors():
+        from localization.detection import NemoConfig
+        from localization.nemo import NemoLocalizationConfig
         from workbench.io import read_json
         from workbench.testbed.localization_report import ReportConfig, localization_report
 
+        nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, detection=NemoConfig(steps=nemo_steps))
         holdout = read_json(testbed, "testbed description")["holdout_prompts"]
         loaded = load_model(model, "cpu", "float32", "auto")
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         report = with_status(json_out, "localizing", lambda advance: localization_report(
-            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance))
+            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance, nemo))
         if json_out:
             print_json(report)
             return

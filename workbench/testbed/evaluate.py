@@ -8,6 +8,9 @@
 4. Both detectors separate memorized from ordinary captions: ROC AUC of NeMo's consistency score and
    of Wen et al.'s text-conditional noise magnitude, both at their papers' defaults (Wen: DDIM, 50
    steps, guidance 7.5); Wen's first-step magnitude (its cheap mode) is reported beside it.
+
+Bars 1–3 sample at the testbed's own generation settings (`GENERATION` in describe.py, the
+`generation` entry of testbed.json): 25 steps, guidance 3.
 """
 
 from __future__ import annotations

@@ -173,14 +173,16 @@ def ablation_report(model: Model, holdout_prompts: list[str], config: ReportConf
 
 def localization_report(model: Model, holdout_prompts: list[str], methods: tuple[str, ...],
                         config: ReportConfig = ReportConfig(),
-                        advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """The sections of `methods` (nemo, wanda, salun, ablation) on one checkpoint."""
-    report: dict[str, Any] = {"config": asdict(config)}
+                        advance: Callable[[str], None] = lambda text: None,
+                        nemo: NemoLocalizationConfig = NemoLocalizationConfig()) -> dict[str, Any]:
+    """The sections of `methods` (nemo, wanda, salun, ablation) on one checkpoint; `nemo` configures NeMo's
+    search and the score every section reports."""
+    report: dict[str, Any] = {"config": asdict(config), "nemo_config": asdict(nemo)}
     for method in methods:
         if method == "nemo":
-            report["nemo"] = nemo_report(model, holdout_prompts, config, advance=advance)
+            report["nemo"] = nemo_report(model, holdout_prompts, config, nemo, advance)
         elif method in ("wanda", "salun"):
-            report[method] = mask_report(model, method, holdout_prompts, config, advance=advance)
+            report[method] = mask_report(model, method, holdout_prompts, config, nemo=nemo, advance=advance)
         elif method == "ablation":
             report["ablation"] = ablation_report(model, holdout_prompts, config, advance)
         else:
