@@ -23,6 +23,16 @@ def test_the_default_unet_is_shipped():
     assert "unet" in FAMILIES and (CHECKPOINTS / TESTBED["checkpoints"]["unet"] / "model_index.json").is_file()
 
 
+def test_the_shipped_generation_settings_are_the_ones_the_bars_are_measured_with():
+    from workbench.testbed.describe import GENERATION
+    from workbench.testbed.evaluate import EvalConfig
+    from workbench.testbed.localization_report import ReportConfig
+
+    assert TESTBED["generation"] == GENERATION  # rerun `workbench testbed describe --overwrite` after a change
+    for config in (EvalConfig(), ReportConfig()):
+        assert (config.steps, config.guidance_scale) == (GENERATION["steps"], GENERATION["guidance"])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_folder_is_a_small_plain_diffusers_pipeline(family):
     folder = CHECKPOINTS / TESTBED["checkpoints"][family]
