@@ -96,6 +96,20 @@ def test_resuming_with_other_settings_is_refused(vae_and_latents, tmp_path):
                        show_progress=False)
 
 
+def test_a_cosine_run_is_not_extended_to_more_steps(vae_and_latents, tmp_path):
+    """Resuming a decayed run with more steps would restart the decay part-way: not a run of that length."""
+    vae, latents = vae_and_latents
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    pipe = build_pipeline("unet", tokenizer, vae, seed=0)
+    captions = ["a red circle"] * 8
+    cosine = dict(lr=1e-3, warmup=0, final_lr_fraction=0.1)
+    train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=1, **cosine), batch_size=2), tmp_path,
+                   show_progress=False)
+    with pytest.raises(WorkbenchError, match="different steps"):
+        train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=2, **cosine), batch_size=2),
+                       tmp_path, show_progress=False)
+
+
 def test_learning_rate_warms_up_then_decays_on_a_cosine_to_its_floor():
     config = LoopConfig(steps=110, lr=1.0, warmup=10, final_lr_fraction=0.1)
     assert [config.lr_at(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

@@ -125,7 +125,10 @@ def load_state(state_dir: Path, modules: dict[str, nn.Module], optimizer: torch.
         return 0
     saved = json.loads((state_dir / STATE_FILE).read_text())
     defaults = {f.name: f.default for f in fields(LoopConfig)}  # a state saved before a setting existed used its default
-    mismatched = {k for k, v in asdict(config).items() if k != "steps" and saved["config"].get(k, defaults[k]) != v}
+    # a constant rate can be extended to more steps; a cosine decay's rate at every step depends on them
+    extendable = {"steps"} if config.final_lr_fraction == 1 else set()
+    mismatched = {k for k, v in asdict(config).items()
+                  if k not in extendable and saved["config"].get(k, defaults[k]) != v}
     if mismatched:
         raise WorkbenchError(f"{state_dir} holds a run with different {', '.join(sorted(mismatched))}; "
                              "use another work folder or the same settings")
