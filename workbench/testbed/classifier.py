@@ -98,6 +98,7 @@ def load_classifier(folder: str | os.PathLike) -> ConceptClassifier:
     config = read_json(folder / CONFIG, "classifier config")
     model = ConceptClassifier({h: tuple(v) for h, v in config["heads"]}, config["width"])
     if not (folder / WEIGHTS).is_file():
-        raise WorkbenchError(f"classifier weights {folder / WEIGHTS} not found; train it with `workbench testbed train`")
+        raise WorkbenchError(f"classifier weights {folder / WEIGHTS} not found; train them with "
+                             "`workbench testbed classifier --out FOLDER`")
     load_model(model, str(folder / WEIGHTS))
     return model.eval()

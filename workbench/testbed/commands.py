@@ -24,7 +24,7 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
                   lr: Annotated[float, typer.Option(help="AdamW learning rate of the denoiser.")] = 1e-3,
                   final_lr_fraction: Annotated[float, typer.Option(
                       help="Cosine-decay floor of the denoiser's learning rate, as a fraction of --lr "
-                           "(1.0: constant).")] = 1.0,
+                           "(1.0: constant).")] = 0.1,
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   json_out: JsonOpt = False) -> None:
