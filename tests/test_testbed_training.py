@@ -5,9 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from workbench.errors import WorkbenchError
 from workbench.models.loading import load
+from workbench.noising import FLOW_SAMPLINGS, sample_timesteps
+from workbench.testbed.build import BuildConfig, denoiser_state_name, objective_tag
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
 from workbench.testbed.train import (DenoiserConfig, VAEConfig, denoiser_loss, encode_latents, train_denoiser,
                                      train_vae)
@@ -138,3 +141,28 @@ def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(vae_and
     with pytest.raises(WorkbenchError, match="different final_lr_fraction"):
         train_denoiser(pipe, latents, captions, DenoiserConfig(LoopConfig(steps=3, final_lr_fraction=0.5),
                                                                batch_size=2), tmp_path, show_progress=False)
+
+
+def test_logit_normal_flow_timesteps_concentrate_in_the_middle():
+    """SD3's logit-normal sampling (m = 0, s = 1): P(0.25 < σ < 0.75) = P(|n| < logit 0.75) ≈ 0.73, uniform 0.5."""
+    flow, ddpm = FlowMatchEulerDiscreteScheduler(shift=1.0), DDIMScheduler()
+    middle = {}
+    for sampling in FLOW_SAMPLINGS:
+        t = sample_timesteps(flow, 20_000, torch.Generator().manual_seed(0), sampling)
+        assert 0 < t.min() and t.max() < 1000
+        middle[sampling] = ((t > 250) & (t < 750)).float().mean().item()
+    assert middle["uniform"] == pytest.approx(0.5, abs=0.02)
+    assert middle["logit-normal"] == pytest.approx(0.728, abs=0.02)
+    same = [sample_timesteps(ddpm, 8, torch.Generator().manual_seed(0), s) for s in FLOW_SAMPLINGS]
+    assert torch.equal(*same)  # DDPM-type schedulers keep their uniform integers
+    with pytest.raises(WorkbenchError, match="unknown flow timestep sampling"):
+        sample_timesteps(flow, 2, torch.Generator(), "lognormal")
+
+
+def test_flow_sampling_is_refused_for_noise_prediction_families_and_named_in_the_state():
+    with pytest.raises(WorkbenchError, match="mmdit"):
+        BuildConfig("unet", flow_sampling="logit-normal")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    uniform = denoiser_state_name(BuildConfig("mmdit"), "f" * 64, scheduler)
+    logit_normal = denoiser_state_name(BuildConfig("mmdit", flow_sampling="logit-normal"), "f" * 64, scheduler)
+    assert uniform == f"mmdit-{'f' * 12}-{objective_tag(scheduler)}" and logit_normal == uniform + "-logit-normal"

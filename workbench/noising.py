@@ -12,14 +12,30 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+from workbench.errors import WorkbenchError
+
 
 def is_flow(scheduler: Any) -> bool:
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
-def sample_timesteps(scheduler: Any, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps: integers 0..T−1 (DDPM-type) or 1000·σ with σ ~ U(0, 1) (flow)."""
+FLOW_SAMPLINGS = ("uniform", "logit-normal")
+
+
+def check_flow_sampling(name: str) -> str:
+    if name not in FLOW_SAMPLINGS:
+        raise WorkbenchError(f"unknown flow timestep sampling {name!r}; use one of {', '.join(FLOW_SAMPLINGS)}")
+    return name
+
+
+def sample_timesteps(scheduler: Any, batch: int, generator: torch.Generator,
+                     flow_sampling: str = "uniform") -> torch.Tensor:
+    """Training timesteps: integers 0..T−1 uniformly (DDPM-type), or 1000·σ for flow matching with
+    σ ~ U(0, 1) (`uniform`) or σ = sigmoid(n), n ~ N(0, 1) (`logit-normal`: Esser et al. 2024 §3.1,
+    logit-normal sampling with m = 0, s = 1, the setting SD3 is trained with)."""
     if is_flow(scheduler):
+        if check_flow_sampling(flow_sampling) == "logit-normal":
+            return torch.sigmoid(torch.randn(batch, generator=generator)) * 1000
         return torch.rand(batch, generator=generator) * 1000
     return torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
 

@@ -16,6 +16,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.io import save_pretrained_atomically
+from workbench.noising import check_flow_sampling
 from workbench.testbed.captions import VOCABULARY
 from workbench.testbed.dataset import build_dataset
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
@@ -37,6 +38,13 @@ class BuildConfig:
     data_size: int = 8192
     seed: int = 0
     final_lr_fraction: float = 0.1  # the denoiser's cosine-decay floor, as the shipped runs (1.0: constant)
+    flow_sampling: str = "uniform"  # training timesteps of the flow-matching family (mmdit) only
+
+    def __post_init__(self) -> None:
+        check_flow_sampling(self.flow_sampling)
+        if self.flow_sampling != "uniform" and self.family != "mmdit":
+            raise WorkbenchError(f"--flow-sampling applies to the flow-matching family (mmdit) only, "
+                                 f"not {self.family}; leave it at uniform")
 
 
 def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True) -> Path:
@@ -52,9 +60,15 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),
-                                  batch_size=config.batch_size),
-                   work / f"{config.family}-{data.fingerprint()[:12]}-{objective_tag(pipe.scheduler)}", show_progress)
+                                  batch_size=config.batch_size, flow_sampling=config.flow_sampling),
+                   work / denoiser_state_name(config, data.fingerprint(), pipe.scheduler), show_progress)
     return save_pipeline(pipe, out)
+
+
+def denoiser_state_name(config: BuildConfig, data_fingerprint: str, scheduler: Any) -> str:
+    """The work-folder entry of one denoiser run: a run never resumes one with another objective."""
+    sampling = "" if config.flow_sampling == "uniform" else f"-{config.flow_sampling}"
+    return f"{config.family}-{data_fingerprint[:12]}-{objective_tag(scheduler)}{sampling}"
 
 
 def objective_tag(scheduler: Any) -> str:

@@ -25,6 +25,9 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
                   final_lr_fraction: Annotated[float, typer.Option(
                       help="Cosine-decay floor of the denoiser's learning rate, as a fraction of --lr "
                            "(1.0: constant).")] = 0.1,
+                  flow_sampling: Annotated[str, typer.Option(
+                      help="Training timesteps of the mmdit's rectified flow: uniform or logit-normal "
+                           "(SD3's).")] = "uniform",
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   json_out: JsonOpt = False) -> None:
@@ -38,7 +41,7 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
         if family not in FAMILIES:
             raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
         config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed,
-                             final_lr_fraction=final_lr_fraction)
+                             final_lr_fraction=final_lr_fraction, flow_sampling=flow_sampling)
         start = time.perf_counter()
         build_checkpoint(config, out, work, show_progress=not json_out)
         result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),

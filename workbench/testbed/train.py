@@ -2,7 +2,7 @@
 
 Objectives follow each family's scheduler (`workbench.noising`): v-prediction on a zero-terminal-SNR
 schedule (Salimans & Ho 2022 §4; Lin et al. 2024) for the U-Net and PixArt, see `models.DDIM_SCHEDULE`;
-rectified flow (Esser et al. 2024, SD3 paper, eq. 2 with uniform t) for the MMDiT, whose velocity
+rectified flow (Esser et al. 2024, SD3 paper, eq. 2 with uniform or logit-normal t) for the MMDiT, whose velocity
 target is ε − x₀. Text is encoded with the pipeline's own `encode_prompt`, so training sees
 exactly the embeddings inference will; 10 % of captions are dropped to "" for classifier-free guidance.
 """
@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 
 from workbench.errors import WorkbenchError
 from workbench.models.loading import load
-from workbench.noising import noised, sample_timesteps
+from workbench.noising import check_flow_sampling, noised, sample_timesteps
 from workbench.testbed.training import LoopConfig, train
 
 
@@ -69,10 +69,12 @@ class DenoiserConfig:
     loop: LoopConfig
     batch_size: int = 32
     caption_dropout: float = 0.1
+    flow_sampling: str = "uniform"  # training timesteps of flow-matching denoisers (`noising.sample_timesteps`)
 
     def __post_init__(self) -> None:
         if not 0 <= self.caption_dropout < 1 or self.batch_size < 1:
             raise WorkbenchError("caption_dropout must be in [0, 1) and batch_size at least 1")
+        check_flow_sampling(self.flow_sampling)
 
 
 def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config: DenoiserConfig,
@@ -84,7 +86,7 @@ def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config
     prompts = ["" if drop else captions[i] for i, drop in zip(index.tolist(), dropped.tolist())]
     clean = latents[index]
     noise = torch.randn(clean.shape, generator=generator)
-    timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator)
+    timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator, config.flow_sampling)
     noisy, target = noised(pipe.scheduler, clean, noise, timestep)
     cond = model.adapter.encode(pipe, prompts, "", False, model.adapter.max_sequence_length(pipe))
     return F.mse_loss(model.adapter.denoise(model.denoiser, noisy, timestep, cond), target)
