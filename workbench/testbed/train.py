@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 
 from workbench.errors import WorkbenchError
 from workbench.models.loading import load
-from workbench.noising import check_flow_sampling, noised, sample_timesteps
+from workbench.noising import noised, sample_timesteps
 from workbench.testbed.training import LoopConfig, train
 
 
@@ -74,7 +74,6 @@ class DenoiserConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.caption_dropout < 1 or self.batch_size < 1:
             raise WorkbenchError("caption_dropout must be in [0, 1) and batch_size at least 1")
-        check_flow_sampling(self.flow_sampling)
 
 
 def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config: DenoiserConfig,
