@@ -293,6 +293,20 @@ def test_cli_detect_wen_first_step_measures_one_step(tiny_folders, tmp_path):
     assert wen["steps"] == [0] and len(wen["per_step"]) == 1 and wen["config"]["measure_steps"] == [0]
 
 
+def test_cli_detect_wen_guidance_sets_the_sampling_loop_and_changes_the_magnitude(tiny_folders, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    common = ["detect", str(tiny_folders["unet"]), "--prompts", str(prompts), "--seeds", "2", "--steps", "3", "--json"]
+    default, given = (runner.invoke(app, common + extra) for extra in ([], ["--wen-guidance", "3"]))
+    assert default.exit_code == 0 and given.exit_code == 0, default.output + given.output
+    wen = [json.loads(r.stdout)["prompts"][0]["wen"] for r in (default, given)]
+    assert [w["config"]["guidance_scale"] for w in wen] == [7.5, 3.0]
+    assert wen[0]["per_step"][0] == pytest.approx(wen[1]["per_step"][0])  # same x_T, same first prediction
+    assert wen[0]["per_step"][1:] != pytest.approx(wen[1]["per_step"][1:])  # the loop follows another path
+    refused = runner.invoke(app, common + ["--wen-guidance", "1"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "guidance_scale must be > 1" in refused.stderr
+
+
 def test_clip_replication_from_a_local_folder_finds_the_copy(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

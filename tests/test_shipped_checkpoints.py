@@ -31,6 +31,7 @@ def test_the_shipped_generation_settings_are_the_ones_the_bars_are_measured_with
     assert TESTBED["generation"] == GENERATION  # rerun `workbench testbed describe --overwrite` after a change
     for config in (EvalConfig(), ReportConfig()):
         assert (config.steps, config.guidance_scale) == (GENERATION["steps"], GENERATION["guidance"])
+    assert EvalConfig().wen.guidance_scale == GENERATION["guidance"]  # Wen samples as the model is sampled
 
 
 @pytest.mark.parametrize("family", FAMILIES)

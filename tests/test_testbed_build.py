@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import workbench
 from workbench.cli import app
+from workbench.errors import WorkbenchError
 from workbench.testbed.classifier import ConceptClassifier, accuracy, load_classifier, save_classifier
 from workbench.testbed.dataset import build_dataset
 from workbench.testbed.evaluate import EvalConfig, evaluate, roc_auc
@@ -78,6 +79,13 @@ def test_evaluate_reports_every_bar(trained):
     wen = report["detectors"]["wen"]
     assert len(wen["memorized"]) == 20 and len(wen["ordinary"]) == 2
     json.dumps(report)  # the CLI prints it
+
+
+def test_evaluate_refuses_a_wen_guidance_without_an_unconditional_branch_before_sampling(trained):
+    with pytest.raises(WorkbenchError, match="guidance_scale must be > 1"):
+        EvalConfig(wen_guidance_scale=1.0)
+    result = runner.invoke(app, ["testbed", "evaluate", str(trained / "unet"), "--wen-guidance", "0.5", "--json"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "guidance_scale must be > 1" in result.stderr
 
 
 def test_describe_writes_ground_truth(tmp_path):

@@ -130,6 +130,9 @@ def detect(model: ModelArg,
            wen_first_step: Annotated[bool, typer.Option(
                "--wen-first-step", help="Wen magnitude at the first step only (cheap mode; sampling stops there).")]
            = False,
+           wen_guidance: Annotated[Optional[float], typer.Option(
+               help="CFG scale of Wen's sampling loop (default 7.5, the paper's: SD's usual guidance; give the "
+                    "guidance your model is sampled at).")] = None,
            json_out: JsonOpt = False, device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
            family: FamilyOpt = "auto") -> None:
     """Score prompts for memorization (NeMo noise consistency, Wen et al. noise magnitude); give verdicts."""
@@ -145,7 +148,8 @@ def detect(model: ModelArg,
         targets = read_prompts(prompts)
         holdout = read_prompts(calibration) if calibration is not None else None
         nemo = NemoConfig(**{k: v for k, v in (("n_seeds", seeds), ("steps", steps)) if v is not None})
-        wen_options = {k: v for k, v in (("generations", seeds), ("steps", steps)) if v is not None}
+        wen_options = {k: v for k, v in (("generations", seeds), ("steps", steps), ("guidance_scale", wen_guidance))
+                       if v is not None}
         wen = WenConfig.first_step(**wen_options) if wen_first_step else WenConfig(**wen_options)
         loaded = load_model(model, device, dtype, family)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

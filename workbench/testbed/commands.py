@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -87,6 +87,9 @@ def testbed_evaluate(model: ModelArg,
                      seeds: Annotated[int, typer.Option(help="Seeds per memorized caption.")] = 8,
                      seed: Annotated[int, typer.Option(help="Seed of the dataset the model was trained on.")] = 0,
                      data_size: Annotated[int, typer.Option(help="Training rows of that dataset.")] = 8192,
+                     wen_guidance: Annotated[Optional[float], typer.Option(
+                         help="CFG scale of Wen's sampling loop (default: the testbed's generation guidance; "
+                              "7.5 is the reference code's).")] = None,
                      json_out: JsonOpt = False) -> None:
     """Check a testbed checkpoint against the testbed's bars (memorization, utility, detectors)."""
     with user_errors():
@@ -94,10 +97,11 @@ def testbed_evaluate(model: ModelArg,
         from workbench.testbed.dataset import build_dataset
         from workbench.testbed.evaluate import EvalConfig, evaluate
 
+        config = EvalConfig(seeds=seeds, **({} if wen_guidance is None else {"wen_guidance_scale": wen_guidance}))
         loaded, concepts = load_model(model, "cpu", "float32", "auto"), load_classifier(classifier)
         data = build_dataset(seed, data_size)
         report = with_status(json_out, "evaluating",
-                             lambda advance: evaluate(loaded, data, concepts, EvalConfig(seeds=seeds), advance))
+                             lambda advance: evaluate(loaded, data, concepts, config, advance))
         if json_out:
             print_json(report)
             return

@@ -7,10 +7,15 @@
    and style from the generation.
 4. Both detectors separate memorized from ordinary captions: ROC AUC of NeMo's consistency score and
    of Wen et al.'s text-conditional noise magnitude, both at their papers' defaults (Wen: DDIM, 50
-   steps, guidance 7.5); Wen's first-step magnitude (its cheap mode) is reported beside it.
+   steps, all steps averaged, 4 generations) except Wen's guidance; Wen's first-step magnitude (its
+   cheap mode) is reported beside it.
 
 Bars 1–3 sample at the testbed's own generation settings (`GENERATION` in describe.py, the
-`generation` entry of testbed.json): 25 steps, guidance 3.
+`generation` entry of testbed.json): 25 steps, guidance 3. Wen's sampling loop uses that guidance too,
+not the 7.5 of the reference code: Wen et al. measure inside the model's ordinary CFG sampling loop,
+and 7.5 is SD's ordinary guidance, whereas on these zero-terminal-SNR models it over-exposes and pulls
+memorized samples off their photo (Lin et al. 2024 §3.4), so the later steps no longer measure the
+memorized trajectory. `wen_guidance_scale=7.5` gives the reference setting.
 """
 
 from __future__ import annotations
@@ -44,7 +49,15 @@ class EvalConfig:
     ordinary_seeds: int = 2
     wen_generations: int = 4
     wen_steps: int = 50  # Wen et al.'s defaults (detect_mem.py), not the testbed's generation settings
-    wen_guidance_scale: float = 7.5
+    wen_guidance_scale: float = GENERATION["guidance"]  # the model's own sampling guidance (module docstring)
+
+    def __post_init__(self) -> None:
+        self.wen  # a bad Wen setting fails here, not after minutes of sampling
+
+    @property
+    def wen(self) -> WenConfig:
+        return WenConfig(generations=self.wen_generations, steps=self.wen_steps,
+                         guidance_scale=self.wen_guidance_scale)
 
 
 def roc_auc(positive: list[float], negative: list[float]) -> float:
@@ -79,9 +92,7 @@ def evaluate(model: Model, data: TestbedData, classifier: ConceptClassifier, con
     advance("detectors")
     memorized_captions = [m["caption"] for m in memorized]
     nemo = [s.score for s in nemo_scores(model, memorized_captions + prompts, NemoConfig())]
-    wen_scores = [text_noise_magnitude(model, p, WenConfig(
-        generations=config.wen_generations, steps=config.wen_steps, guidance_scale=config.wen_guidance_scale))
-                  for p in memorized_captions + prompts]
+    wen_scores = [text_noise_magnitude(model, p, config.wen) for p in memorized_captions + prompts]
     wen = [w.magnitude for w in wen_scores]
     wen_first = [w.per_step[0] for w in wen_scores]
     k = len(memorized_captions)
