@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from workbench.errors import WorkbenchError
 from workbench.models.loading import load
 from workbench.noising import FLOW_SAMPLINGS, sample_timesteps
-from workbench.testbed.build import BuildConfig, denoiser_state_name, objective_tag
+from workbench.testbed.build import BuildConfig, denoiser_state_name
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
 from workbench.testbed.train import (DenoiserConfig, VAEConfig, denoiser_loss, encode_latents, train_denoiser,
                                      train_vae)
@@ -159,10 +159,27 @@ def test_logit_normal_flow_timesteps_concentrate_in_the_middle():
         sample_timesteps(flow, 2, torch.Generator(), "lognormal")
 
 
-def test_flow_sampling_is_refused_for_noise_prediction_families_and_named_in_the_state():
+def test_flow_sampling_is_refused_for_noise_prediction_families_and_named_in_the_state(vae_and_latents):
     with pytest.raises(WorkbenchError, match="mmdit"):
         BuildConfig("unet", flow_sampling="logit-normal")
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    uniform = denoiser_state_name(BuildConfig("mmdit"), "f" * 64, scheduler)
-    logit_normal = denoiser_state_name(BuildConfig("mmdit", flow_sampling="logit-normal"), "f" * 64, scheduler)
-    assert uniform == f"mmdit-{'f' * 12}-{objective_tag(scheduler)}" and logit_normal == uniform + "-logit-normal"
+    pipe = build_pipeline("mmdit", build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS), vae_and_latents[0], 0)
+    uniform = denoiser_state_name(BuildConfig("mmdit"), "f" * 64, pipe)
+    logit_normal = denoiser_state_name(BuildConfig("mmdit", flow_sampling="logit-normal"), "f" * 64, pipe)
+    assert uniform.startswith(f"mmdit-{'f' * 12}-") and logit_normal == uniform + "-logit-normal"
+
+
+def test_a_run_never_resumes_one_with_another_architecture_schedule_or_batch_size(vae_and_latents):
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    name = lambda pipe, **build: denoiser_state_name(BuildConfig("unet", **build), "f" * 64, pipe)
+    pipe, again = (build_pipeline("unet", tokenizer, vae_and_latents[0], seed) for seed in (0, 1))
+    assert name(pipe) == name(again)  # other weights, same run settings: the seed is checked by LoopConfig
+    assert name(pipe) != name(pipe, batch_size=16)
+    changes = (lambda p: p.unet.register_to_config(attention_head_dim=4),
+               lambda p: setattr(p.text_encoder.config, "num_hidden_layers", 3),
+               lambda p: p.scheduler.register_to_config(prediction_type="epsilon"))
+    names = {name(pipe)}
+    for change in changes:
+        changed = build_pipeline("unet", tokenizer, vae_and_latents[0], 0)
+        change(changed)
+        names.add(name(changed))
+    assert len(names) == 4

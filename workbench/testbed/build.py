@@ -53,29 +53,41 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
         raise WorkbenchError(f"{out} already exists; choose a new output folder")
     data = build_dataset(config.seed, config.data_size)
     vae = build_vae(config.seed)
-    train_vae(vae, data.images, VAEConfig(LoopConfig(steps=config.vae_steps, lr=config.vae_lr, seed=config.seed)),
-              work / f"vae-{data.fingerprint()[:12]}", show_progress)
+    vae_config = VAEConfig(LoopConfig(steps=config.vae_steps, lr=config.vae_lr, seed=config.seed))
+    vae_tag = settings_tag(vae=vae.config, batch_size=vae_config.batch_size, kl_weight=vae_config.kl_weight)
+    train_vae(vae, data.images, vae_config, work / f"vae-{data.fingerprint()[:12]}-{vae_tag}", show_progress)
     tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
     pipe = build_pipeline(config.family, tokenizer, vae, config.seed)
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),
                                   batch_size=config.batch_size, flow_sampling=config.flow_sampling),
-                   work / denoiser_state_name(config, data.fingerprint(), pipe.scheduler), show_progress)
+                   work / denoiser_state_name(config, data.fingerprint(), pipe), show_progress)
     return save_pipeline(pipe, out)
 
 
-def denoiser_state_name(config: BuildConfig, data_fingerprint: str, scheduler: Any) -> str:
-    """The work-folder entry of one denoiser run: a run never resumes one with another objective."""
+def denoiser_state_name(config: BuildConfig, data_fingerprint: str, pipe: Any) -> str:
+    """The work-folder entry of one denoiser run: a run never resumes one trained with another noise
+    schedule or prediction target, architecture (denoiser and text encoders) or batch size."""
+    trained = {name: getattr(pipe, name).config for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
+               if getattr(pipe, name, None) is not None}
+    tag = settings_tag(scheduler=pipe.scheduler.config, batch_size=config.batch_size, **trained)
     sampling = "" if config.flow_sampling == "uniform" else f"-{config.flow_sampling}"
-    return f"{config.family}-{data_fingerprint[:12]}-{objective_tag(scheduler)}{sampling}"
+    return f"{config.family}-{data_fingerprint[:12]}-{tag}{sampling}"
 
 
-def objective_tag(scheduler: Any) -> str:
-    """8 hex digits of the scheduler's settings: a changed noise schedule or prediction target never
-    resumes a run trained on another."""
-    settings = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def settings_tag(**settings: Any) -> str:
+    """8 hex digits of the settings a saved state must share beyond its loop settings (LoopConfig is
+    checked on load). Model configs count by their public keys, not the library versions that wrote them."""
+    public = {name: _public(value) for name, value in settings.items()}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _public(value: Any) -> Any:
+    mapping = value.to_dict() if hasattr(value, "to_dict") else value  # transformers configs
+    if not isinstance(mapping, dict):
+        return value
+    return {key: item for key, item in mapping.items() if not key.startswith("_") and not key.endswith("_version")}
 
 
 def save_pipeline(pipe, out: Path) -> Path:
