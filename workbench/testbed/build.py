@@ -69,25 +69,34 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
 def denoiser_state_name(config: BuildConfig, data_fingerprint: str, pipe: Any) -> str:
     """The work-folder entry of one denoiser run: a run never resumes one trained with another noise
     schedule or prediction target, architecture (denoiser and text encoders) or batch size."""
-    trained = {name: getattr(pipe, name).config for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
-               if getattr(pipe, name, None) is not None}
-    tag = settings_tag(scheduler=pipe.scheduler.config, batch_size=config.batch_size, **trained)
+    tag = settings_tag(batch_size=config.batch_size, **run_settings(pipe))
     sampling = "" if config.flow_sampling == "uniform" else f"-{config.flow_sampling}"
     return f"{config.family}-{data_fingerprint[:12]}-{tag}{sampling}"
 
 
+def run_settings(pipe: Any) -> dict[str, Any]:
+    """The configs a denoiser run trains under: noise schedule, denoiser and trained text encoders."""
+    parts = ("scheduler", "unet", "transformer", "text_encoder", "text_encoder_2")
+    return {name: getattr(pipe, name).config for name in parts if getattr(pipe, name, None) is not None}
+
+
 def settings_tag(**settings: Any) -> str:
     """8 hex digits of the settings a saved state must share beyond its loop settings (LoopConfig is
-    checked on load). Model configs count by their public keys, not the library versions that wrote them."""
+    checked on load). Model configs count by their public keys, not by the library versions, storage dtype
+    or class annotations that saving adds to them."""
     public = {name: _public(value) for name, value in settings.items()}
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+_SAVE_ANNOTATIONS = {"dtype", "torch_dtype", "architectures"}
 
 
 def _public(value: Any) -> Any:
     mapping = value.to_dict() if hasattr(value, "to_dict") else value  # transformers configs
     if not isinstance(mapping, dict):
         return value
-    return {key: item for key, item in mapping.items() if not key.startswith("_") and not key.endswith("_version")}
+    return {key: item for key, item in mapping.items()
+            if not key.startswith("_") and not key.endswith("_version") and key not in _SAVE_ANNOTATIONS}
 
 
 def save_pipeline(pipe, out: Path) -> Path:
