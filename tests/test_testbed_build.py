@@ -42,11 +42,21 @@ def test_train_refuses_an_existing_output_and_resumes_from_work(trained):
     assert result.exit_code == 2 and "already exists" in result.stderr
     # same settings, new output: the work folder already holds both finished states, so nothing retrains
     again = runner.invoke(app, ["testbed", "train", "unet", "--out", str(trained / "unet-again"), "--work",
-                                str(trained / "work"), "--steps", "2", "--vae-steps", "2", *SMALL, "--json"])
+                                str(trained / "work"), "--steps", "2", "--vae-steps", "2", *SMALL, "--device", "cpu",
+                                "--json"])
     assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["device"] == "cpu"
     first = workbench.load(trained / "unet").denoiser.state_dict()
     second = workbench.load(trained / "unet-again").denoiser.state_dict()
     assert all(torch.equal(v, second[k]) for k, v in first.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_training_on_an_absent_gpu_is_a_one_line_error_before_anything_is_written(tmp_path):
+    result = runner.invoke(app, ["testbed", "train", "unet", "--out", str(tmp_path / "unet"), "--work",
+                                 str(tmp_path / "work"), "--device", "cuda", *SMALL])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "CUDA is not available" in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_classifier_round_trip(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.io import save_pretrained_atomically
+from workbench.models.loading import parse_device
 from workbench.noising import check_flow_sampling
 from workbench.testbed.captions import VOCABULARY
 from workbench.testbed.dataset import build_dataset
@@ -47,17 +48,24 @@ class BuildConfig:
                                  f"not {self.family}; leave it at uniform")
 
 
-def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True) -> Path:
-    """Train (or resume) and save the testbed pipeline of `config.family` to `out`."""
+def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True,
+                     device: str = "cpu") -> Path:
+    """Train (or resume) and save the testbed pipeline of `config.family` to `out`, training on `device`.
+
+    Weights are initialised and batches drawn on the CPU, so every device starts from the same model
+    and sees the same data; a run is deterministic on one device, and a state saved on one device
+    resumes on another.
+    """
+    target = parse_device(device)
     if out.exists():
         raise WorkbenchError(f"{out} already exists; choose a new output folder")
     data = build_dataset(config.seed, config.data_size)
-    vae = build_vae(config.seed)
+    vae = build_vae(config.seed).to(target)
     vae_config = VAEConfig(LoopConfig(steps=config.vae_steps, lr=config.vae_lr, seed=config.seed))
     vae_tag = settings_tag(vae=vae.config, batch_size=vae_config.batch_size, kl_weight=vae_config.kl_weight)
     train_vae(vae, data.images, vae_config, work / f"vae-{data.fingerprint()[:12]}-{vae_tag}", show_progress)
     tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
-    pipe = build_pipeline(config.family, tokenizer, vae, config.seed)
+    pipe = build_pipeline(config.family, tokenizer, vae, config.seed).to(target)
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from workbench.cli_support import JsonOpt, ModelArg, console, load_model, print_json, user_errors, with_status
+from workbench.cli_support import (DeviceOpt, JsonOpt, ModelArg, console, load_model, print_json, user_errors,
+                                    with_status)
 from workbench.errors import WorkbenchError
 
 testbed_app = typer.Typer(help="The project's own small models with planted, known memorization.",
@@ -30,6 +31,7 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
                            "(SD3's).")] = "uniform",
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
+                  device: DeviceOpt = "cpu",
                   json_out: JsonOpt = False) -> None:
     """Train a testbed checkpoint from scratch (deterministic; rerun the same command to resume)."""
     with user_errors():
@@ -43,9 +45,9 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
         config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed,
                              final_lr_fraction=final_lr_fraction, flow_sampling=flow_sampling)
         start = time.perf_counter()
-        build_checkpoint(config, out, work, show_progress=not json_out)
+        build_checkpoint(config, out, work, show_progress=not json_out, device=device)
         result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),
-                  "config": config.__dict__}
+                  "device": device, "config": config.__dict__}
         if json_out:
             print_json(result)
         else:

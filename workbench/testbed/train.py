@@ -41,12 +41,13 @@ class VAEConfig:
 def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAEConfig, state_dir: Path,
               show_progress: bool = True) -> list[float]:
     """Reconstruction (MSE) plus a small KL term; afterwards `scaling_factor` = 1 / std of the latents."""
-    pixels = images_to_tensor(images)
+    pixels = images_to_tensor(images).to(vae.device)
 
-    def loss_of_step(generator: torch.Generator) -> torch.Tensor:
-        batch = pixels[torch.randint(len(pixels), (config.batch_size,), generator=generator)]
+    def loss_of_step(generator: torch.Generator) -> torch.Tensor:  # draws on the CPU: the same batches on any device
+        batch = pixels[torch.randint(len(pixels), (config.batch_size,), generator=generator).to(pixels.device)]
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(batch.device)
+        latents = posterior.mean + posterior.std * noise
         reconstruction = vae.decode(latents).sample
         return F.mse_loss(reconstruction, batch) + config.kl_weight * posterior.kl().mean()
 
@@ -58,7 +59,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAEConfig, state_d
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, scaled: bool = True) -> torch.Tensor:
     """Posterior means of the images, times the VAE's scaling factor (minus its shift), as pipelines expect."""
-    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images_to_tensor(images).split(256)])
+    pixels = images_to_tensor(images).to(vae.device)
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
     if not scaled:
         return latents
     return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
@@ -78,14 +80,15 @@ class DenoiserConfig:
 
 def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config: DenoiserConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """The training loss of one batch drawn from `generator` (MSE to the scheduler's target)."""
+    """The training loss of one batch drawn from `generator` (MSE to the scheduler's target); the draws
+    are made on the CPU and moved to the latents' device, so every device trains on the same batches."""
     pipe = model.pipeline
     index = torch.randint(len(latents), (config.batch_size,), generator=generator)
     dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
     prompts = ["" if drop else captions[i] for i, drop in zip(index.tolist(), dropped.tolist())]
-    clean = latents[index]
-    noise = torch.randn(clean.shape, generator=generator)
-    timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator, config.flow_sampling)
+    clean = latents[index.to(latents.device)]
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+    timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator, config.flow_sampling).to(clean.device)
     noisy, target = noised(pipe.scheduler, clean, noise, timestep)
     cond = model.adapter.encode(pipe, prompts, "", False, model.adapter.max_sequence_length(pipe))
     return F.mse_loss(model.adapter.denoise(model.denoiser, noisy, timestep, cond), target)
