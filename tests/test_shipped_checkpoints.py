@@ -44,6 +44,20 @@ def test_shipped_folder_is_a_small_plain_diffusers_pipeline(family):
     assert type(pipe).__name__ == PIPELINES[family]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_command_builds_the_shipped_architecture(family):
+    """`workbench testbed train <family>` reproduces the shipped folder only if it builds the same model."""
+    from workbench.testbed.build import run_settings, settings_tag
+    from workbench.testbed.captions import VOCABULARY
+    from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
+    from workbench.testing import build_clip_tokenizer
+
+    shipped = DiffusionPipeline.from_pretrained(CHECKPOINTS / TESTBED["checkpoints"][family], local_files_only=True)
+    built = build_pipeline(family, build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS), build_vae(0), 0)
+    assert set(run_settings(built)) == set(run_settings(shipped))
+    assert settings_tag(**run_settings(built)) == settings_tag(**run_settings(shipped))
+
+
 def test_the_mmdit_t5_stand_in_gives_the_pipelines_own_no_t5_embeddings():
     folder = CHECKPOINTS / TESTBED["checkpoints"]["mmdit"]
     with_t5 = DiffusionPipeline.from_pretrained(folder, local_files_only=True)

@@ -46,9 +46,9 @@ def build_vae(seed: int) -> AutoencoderKL:
                          sample_size=IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0)
 
 
-def _clip_text(tokenizer: CLIPTokenizer, hidden: int, with_projection: bool) -> CLIPTextModel:
+def _clip_text(tokenizer: CLIPTokenizer, hidden: int, with_projection: bool, layers: int = 2) -> CLIPTextModel:
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, projection_dim=hidden)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
@@ -94,14 +94,19 @@ def _zero_t5(tokenizer: CLIPTokenizer, hidden: int) -> T5EncoderModel:
 
 
 def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
+    """Two three-layer 64-d CLIPs and eight joint blocks. SD3's pipeline feeds the joint attention each
+    CLIP's penultimate hidden state, so the two-layer 32-d CLIPs and six blocks shipped before gave it one
+    causal layer of 32-d tokens, and that MMDiT followed 73 % of ordinary captions (testbed bar 80 %);
+    this one follows 83 % (README, Testbed)."""
     transformer = SD3Transformer2DModel(
         sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=6, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=64,
-        caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=LATENT_SIZE // 2)
+        num_layers=8, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=128,
+        caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=LATENT_SIZE // 2)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                                    vae=vae, text_encoder=_clip_text(tokenizer, 32, True), tokenizer=tokenizer,
-                                    text_encoder_2=_clip_text(tokenizer, 32, True), tokenizer_2=tokenizer,
-                                    text_encoder_3=_zero_t5(tokenizer, 64), tokenizer_3=tokenizer)
+                                    vae=vae, text_encoder=_clip_text(tokenizer, 64, True, layers=3),
+                                    tokenizer=tokenizer, text_encoder_2=_clip_text(tokenizer, 64, True, layers=3),
+                                    tokenizer_2=tokenizer, text_encoder_3=_zero_t5(tokenizer, 128),
+                                    tokenizer_3=tokenizer)
 
 
 _BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL], Any]] = {
