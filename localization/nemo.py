@@ -12,7 +12,9 @@ Memorization in Diffusion Models", NeurIPS 2024, §3. Per memorized prompt:
 
 Defaults are the paper's: the first timestep, top-k on z, the signed token mean. `legacy=True` gives
 the reference code instead (timesteps[1], top-k on raw activations, absolute token mean;
-shared/research/localization.md §1.2–1.4). Sites: the official seven SD 1.x sites (value projections of
+shared/research/localization.md §1.2–1.4). The search scores a blocked set as the reference code does
+(each memorized seed's δ against its un-blocked δ) against a threshold calibrated on the cross-seed
+score; `search_score="consistency"` (our option) searches against that cross-seed score itself. Sites: the official seven SD 1.x sites (value projections of
 the first transformer block of each down and mid attention) or every value site (`all_value`); PixArt
 uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
 value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
@@ -31,8 +33,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
-from localization.detection import (NemoConfig, first_timesteps, initial_latents, minmax_per_channel, msssim_window,
-                                    nemo_scores, noise_difference, prediction_at)
+from localization.detection import (NemoConfig, consistency, first_timesteps, initial_latents, minmax_per_channel,
+                                    msssim_window, nemo_scores, noise_difference, pairwise_msssim, prediction_at)
 from localization.nemo_search import (SelectionSchedule, initial_selection, refine, z_scores)
 from workbench.errors import WorkbenchError
 from workbench.intervene import ablate_per_sample
@@ -43,6 +45,7 @@ from workbench.sampling import encode
 from workbench.stats import RunningStats
 
 SITE_CHOICES = ("official", "all_value")
+SEARCH_SCORES = ("reference", "consistency")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class NemoLocalizationConfig:
     top_k_on: str = "z"  # "raw": the reference code ranks top-k by raw activation
     token_mean: str = "signed"  # "abs": the reference code averages |activation| over tokens
     legacy: bool = False  # all three reference behaviours, timesteps[1] included
+    search_score: str = "reference"  # "consistency": search against the detector's cross-seed score (ours)
     detection: NemoConfig = NemoConfig()
     batch: int = 8  # candidate neuron sets scored per batched forward
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
@@ -63,6 +67,8 @@ class NemoLocalizationConfig:
             raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use one of {', '.join(SITE_CHOICES)}")
         if self.top_k_on not in ("z", "raw") or self.token_mean not in ("signed", "abs"):
             raise WorkbenchError("top_k_on must be 'z' or 'raw' and token_mean 'signed' or 'abs'")
+        if self.search_score not in SEARCH_SCORES:
+            raise WorkbenchError(f"unknown NeMo search score {self.search_score!r}; use one of {', '.join(SEARCH_SCORES)}")
         if self.batch < 1 or self.rows_per_call < 1:
             raise WorkbenchError("batch and rows_per_call must be >= 1")
         if self.legacy:
@@ -135,9 +141,25 @@ def holdout_statistics(model: Model, prompts: Sequence[str],
     return {path: RunningStats.of(a) for path, a in value_activations(model, prompts, sites, config).items()}
 
 
+def prompt_z_scores(model: Model, prompt: str, holdout: dict[str, RunningStats],
+                    config: NemoLocalizationConfig = NemoLocalizationConfig()
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """a_{l,i}(p) and z_{l,i}(p) of one prompt per NeMo site, in execution order (z = 0 where σ = 0)."""
+    sites = nemo_sites(model, config.sites)
+    missing = [s.path for s in sites if s.path not in holdout]
+    if missing:
+        raise WorkbenchError(f"holdout statistics lack {len(missing)} NeMo sites (e.g. {missing[0]}); compute them "
+                             f"with the same site set ({config.sites!r}) on this model")
+    activations = {path: a[0] for path, a in value_activations(model, [prompt], sites, config).items()}
+    return activations, {path: torch.nan_to_num(v, nan=0.0) for path, v in z_scores(activations, holdout).items()}
+
+
 @dataclass
 class MemorizationScorer:
-    """s(B) = max over the memorized seeds of MS-SSIM(δ(seed), δ with B blocked (seed)) (§1.2 of the notes).
+    """s(B) = max over the memorized seeds of MS-SSIM(δ(seed), δ with B blocked (seed)) (§1.2 of the notes),
+    the reference code's search score; with `search_score="consistency"` (our option) s(B) is instead the
+    detector's own noise-consistency score of the blocked model (max pairwise MS-SSIM over all seeds), the
+    quantity the threshold is calibrated on.
 
     Each call scores several blocked sets in one batched forward; `forwards` counts denoiser calls.
     """
@@ -154,17 +176,19 @@ class MemorizationScorer:
             raise WorkbenchError(f"prompt {self.prompt!r} has no memorized seeds; NeMo localizes memorized prompts")
         detection = self.config.detection
         timestep, _ = first_timesteps(self.model, detection)
-        latents = initial_latents(self.model, detection)[list(self.seeds)].to(self.model.device, self.model.dtype)
+        rows = list(self.seeds) if self.config.search_score == "reference" else list(range(detection.n_seeds))
+        latents = initial_latents(self.model, detection)[rows].to(self.model.device, self.model.dtype)
         cond = encode(self.model, [self.prompt], cfg=False)
         self._state.update(timestep=timestep, latents=latents, cond=cond)
         self._state["window"] = msssim_window(*latents.shape[-2:], detection.betas, detection.max_kernel_size,
                                               detection.sigma_per_tap)
-        self._state["reference"] = self._deltas([NeuronSet()])[0]
+        if self.config.search_score == "reference":
+            self._state["reference"] = self._deltas([NeuronSet()])[0]
 
     def _deltas(self, sets: Sequence[NeuronSet]) -> list[torch.Tensor]:
-        """Normalised δ of the memorized seeds (seeds, C, H, W) with each set blocked."""
+        """Normalised δ of the scored seeds (seeds, C, H, W) with each set blocked."""
         latents, cond = self._state["latents"], self._state["cond"]
-        seeds = len(self.seeds)
+        seeds = len(latents)
         per_call = max(1, self.config.rows_per_call // seeds)
         out = []
         for start in range(0, len(sets), per_call):
@@ -182,8 +206,11 @@ class MemorizationScorer:
 
     def __call__(self, sets: list[NeuronSet]) -> list[float]:
         kernel, sigma = self._state["window"]
-        reference = self._state["reference"]
         blocked = torch.stack(self._deltas(sets))  # (sets, seeds, C, H, W)
+        if self.config.search_score == "consistency":
+            betas = self.config.detection.betas
+            return consistency(pairwise_msssim(blocked, kernel_size=kernel, sigma=sigma, betas=betas))[0].tolist()
+        reference = self._state["reference"]
         values = ms_ssim(reference.expand_as(blocked).flatten(0, 1), blocked.flatten(0, 1), kernel_size=kernel,
                          sigma=sigma, betas=self.config.detection.betas, data_range=1.0, reduction="none")
         return values.view(len(sets), len(self.seeds)).amax(dim=1).tolist()
@@ -228,18 +255,11 @@ def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats],
     if not seeds:
         return NemoResult(prompt, detection.score, threshold, (), NeuronSet(), None, False, None, None,
                           NeuronSet(), None, 1)
-    sites = nemo_sites(model, config.sites)
-    missing = [s.path for s in sites if s.path not in holdout]
-    if missing:
-        raise WorkbenchError(f"holdout statistics lack {len(missing)} NeMo sites (e.g. {missing[0]}); compute them "
-                             f"with the same site set ({config.sites!r}) on this model")
-    activations = value_activations(model, [prompt], sites, config)
-    activations = {path: a[0] for path, a in activations.items()}
-    z = {path: torch.nan_to_num(v, nan=0.0) for path, v in z_scores(activations, holdout).items()}
+    activations, z = prompt_z_scores(model, prompt, holdout, config)
     scorer = MemorizationScorer(model, prompt, seeds, config)
     initial = initial_selection(activations, z, threshold, scorer, config.schedule, config.top_k_on, config.batch)
     refine_threshold = threshold if initial.success else initial.score
-    refined, _ = refine(initial.neurons, [s.path for s in sites], refine_threshold, scorer, config.batch)
+    refined, _ = refine(initial.neurons, list(z), refine_threshold, scorer, config.batch)
     refined_score = scorer([refined])[0]
     return NemoResult(prompt, detection.score, threshold, seeds, initial.neurons, initial.score, initial.success,
                       initial.theta, initial.k, refined, refined_score, scorer.forwards + 1)

@@ -94,7 +94,10 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["generate", "{unet}", "--prompt", "a cat", "--out", "{tmp}/x.png", "--ablate", "{tmp}/none.json"], "not found"),
     (["graph", "{unet}", "--out", "{tmp}"], "already exists"),
     (["testbed", "localize", "{unet}", "--sites", "every"], "unknown NeMo site set"),
+    (["testbed", "localize", "{unet}", "--search-score", "pairwise"], "unknown NeMo search score"),
     (["testbed", "localize", "{unet}", "--legacy", "--nemo-steps", "1"], ">= 2 with legacy"),
+    (["testbed", "localize", "{unet}", "--methods", "dose", "--dose-fractions", "0.1,2"], "--dose-fractions must be"),
+    (["testbed", "localize", "{unet}", "--methods", "salun", "--salun-fraction", "0"], "fraction must be in"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tiny_folders, tmp_path, args, match):
     filled = [a.format(tmp=tmp_path, unet=tiny_folders["unet"]) for a in args]

@@ -166,6 +166,24 @@ def test_scorer_is_one_unblocked_and_batched_scores_equal_single_ones(unet_model
     assert together[0] == pytest.approx(1.0, abs=1e-5) and together[1] < together[0] - 1e-3
 
 
+def test_consistency_search_score_is_the_detectors_score_of_the_blocked_model(unet_model):
+    from localization.detection import nemo_scores
+    from workbench.intervene import ablate
+
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5), search_score="consistency")
+    scorer = MemorizationScorer(unet_model, "a red circle", (1,), config)
+    sites = nemo_sites(unet_model)
+    some = NeuronSet({sites[0].path: [0, 1, 2], sites[-1].path: [3]})
+    expected = []
+    for blocked in (NeuronSet(), some):
+        with ablate(unet_model, blocked):
+            expected.append(nemo_scores(unet_model, ["a red circle"], config.detection)[0].score)
+    assert scorer([NeuronSet(), some]) == pytest.approx(expected, abs=1e-5)
+    assert expected[0] != pytest.approx(expected[1], abs=1e-4)  # the blocked set changes the score
+    with pytest.raises(WorkbenchError, match="search score"):
+        NemoLocalizationConfig(search_score="sideways")
+
+
 def test_localize_prompt_returns_a_refined_subset(unet_model):
     config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5))
     holdout = holdout_statistics(unet_model, ["a blue square", "a green tree", "a cat"], config)

@@ -118,6 +118,27 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     assert 0 < report["summary"]["ordinary_ssim_with_union_off_mean"] <= 1 + 1e-6
 
 
+def test_dose_report_nemo_ranking_removes_the_photo_where_random_sets_do_not():
+    """Half of NeMo's top-|z| value neurons take the photo away; a random half with the same per-site counts
+    leaves it; all of them make the caption as diverse as no caption (the text no longer reaches the image)."""
+    from localization.nemo import NemoLocalizationConfig, nemo_sites
+    from workbench.testbed.localization_report import ReportConfig, dose_report
+
+    model = workbench.load(CHECKPOINTS / TESTBED["checkpoints"]["unet"])
+    config = ReportConfig(seeds=3, holdout=8, ordinary=2, captions=("a private photo number three",))
+    nemo = NemoLocalizationConfig(sites="all_value")
+    report = dose_report(model, TESTBED["holdout_prompts"], config, nemo, fractions=(0.5, 1.0))
+    (caption,) = report["captions"]
+    half, everything = caption["fractions"]
+    assert everything["neurons"] == sum(s.out_features for s in nemo_sites(model, "all_value"))
+    assert half["neurons"] == everything["neurons"] // 2
+    assert half["nemo_z"]["ssim_mean"] < 0.5 < half["random"]["ssim_mean"]
+    assert half["nemo_z"]["seed_ssim"] < half["random"]["seed_ssim"]
+    assert everything["nemo_z"] == everything["random"]  # the random control of everything is everything
+    assert everything["nemo_z"]["seed_ssim"] < 0.6 and everything["nemo_z"]["ssim_mean"] < 0.5
+    assert [point["fraction"] for point in report["summary"]] == [0.5, 1.0]
+
+
 def test_mask_report_compares_the_mask_with_a_random_one_of_equal_density():
     from localization.wanda import WandaConfig
     from workbench.testbed.localization_report import ReportConfig, mask_report

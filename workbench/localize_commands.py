@@ -44,6 +44,9 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
          = "official",
          legacy: Annotated[bool, typer.Option(help="The reference code's behaviour: timesteps[1], top-k on raw "
                                                    "activations, absolute token mean.")] = False,
+         search_score: Annotated[str, typer.Option(
+             help="reference (each seed's δ against its un-blocked δ, the reference code) or consistency (the "
+                  "detector's cross-seed score, which the threshold is calibrated on; our option).")] = "reference",
          seeds: Annotated[int, typer.Option(help="Initial latents per prompt (the paper's 10).")] = 10,
          out: OutOpt = None, graph: Annotated[Optional[Path], typer.Option(
              help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
@@ -69,7 +72,7 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
             if path is not None:
                 check_writable(path, overwrite=overwrite)
         targets, calibration = read_prompts(prompts), read_prompts(holdout)
-        config = NemoLocalizationConfig(sites=sites, legacy=legacy)
+        config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
         shard = current_shard()  # under `accelerate launch`, prompts are split over the processes

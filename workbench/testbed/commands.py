@@ -133,32 +133,64 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
                           f"checkpoints {', '.join(checkpoints) or 'none yet'}")
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """'0.1,0.25' -> (0.1, 0.25); each in (0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v <= 1 for v in values):
+        raise WorkbenchError(f"--dose-fractions must be comma-separated numbers in (0, 1], like 0.1,0.25,0.5 "
+                             f"(got {text!r})")
+    return values
+
+
 @testbed_app.command("localize")
 def testbed_localize(model: ModelArg,
                      testbed: Annotated[Path, typer.Option(help="testbed.json with the held-out captions.")] = Path(
                          "checkpoints/testbed.json"),
-                     methods: Annotated[str, typer.Option(help="Comma-separated: nemo, wanda, salun, ablation.")]
+                     methods: Annotated[str, typer.Option(help="Comma-separated: nemo, wanda, salun, ablation, "
+                                                               "dose (NeMo's top-|z| fractions against random).")]
                      = "nemo,wanda,salun,ablation",
                      seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
                      sites: Annotated[str, typer.Option(help="NeMo's sites: official or all_value.")] = "official",
                      legacy: Annotated[bool, typer.Option(help="NeMo as its reference code: timesteps[1], top-k on "
                                                                "raw activations, absolute token mean.")] = False,
+                     search_score: Annotated[str, typer.Option(help="NeMo's search score: reference or "
+                                                                    "consistency (see localize nemo).")]
+                     = "reference",
                      nemo_steps: Annotated[int, typer.Option(help="Scheduler steps of NeMo's score (it reads the "
                                                                   "first timestep, the second with --legacy).")] = 50,
+                     dose_fractions: Annotated[str, typer.Option(help="Comma-separated fractions of the value "
+                                                                      "neurons the dose section switches off.")]
+                     = "0.1,0.25,0.5",
+                     wanda_skill_ratio: Annotated[Optional[float], typer.Option(
+                         help="ConceptPrune's per-row fraction (default: the method's, 0.01).")] = None,
+                     salun_fraction: Annotated[Optional[float], typer.Option(
+                         help="SalUn's share of salient weights (default: the method's, 0.5).")] = None,
                      json_out: JsonOpt = False) -> None:
     """Localization on the verbatim-memorized captions: removed? random controls? ordinary captions unchanged?"""
     with user_errors():
         from localization.detection import NemoConfig
         from localization.nemo import NemoLocalizationConfig
+        from localization.salun import SalUnConfig
+        from localization.wanda import WandaConfig
         from workbench.io import read_json
         from workbench.testbed.localization_report import ReportConfig, localization_report
 
-        nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, detection=NemoConfig(steps=nemo_steps))
+        nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score,
+                                      detection=NemoConfig(steps=nemo_steps))
         holdout = read_json(testbed, "testbed description")["holdout_prompts"]
+        fractions = _fractions(dose_fractions)
+        masks = {}
+        if wanda_skill_ratio is not None:
+            masks["wanda"] = WandaConfig(skill_ratio=wanda_skill_ratio)
+        if salun_fraction is not None:
+            masks["salun"] = SalUnConfig(fraction=salun_fraction)
         loaded = load_model(model, "cpu", "float32", "auto")
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         report = with_status(json_out, "localizing", lambda advance: localization_report(
-            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance, nemo))
+            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance, nemo, fractions, masks))
         if json_out:
             print_json(report)
             return
