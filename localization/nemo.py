@@ -14,8 +14,9 @@ Defaults are the paper's: the first timestep, top-k on z, the signed token mean.
 the reference code instead (timesteps[1], top-k on raw activations, absolute token mean;
 shared/research/localization.md §1.2–1.4). The search scores a blocked set as the reference code does
 (each memorized seed's δ against its un-blocked δ) against a threshold calibrated on the cross-seed
-score; `search_score="consistency"` (our option) searches against that cross-seed score itself. Sites: the official seven SD 1.x sites (value projections of
-the first transformer block of each down and mid attention) or every value site (`all_value`); PixArt
+score; `search_score="consistency"` (our option) searches against that cross-seed score itself.
+Sites: the official seven SD 1.x sites (value projections of the first transformer block of each down
+and mid attention) or every value site (`all_value`); PixArt
 uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
 value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
 
@@ -68,7 +69,8 @@ class NemoLocalizationConfig:
         if self.top_k_on not in ("z", "raw") or self.token_mean not in ("signed", "abs"):
             raise WorkbenchError("top_k_on must be 'z' or 'raw' and token_mean 'signed' or 'abs'")
         if self.search_score not in SEARCH_SCORES:
-            raise WorkbenchError(f"unknown NeMo search score {self.search_score!r}; use one of {', '.join(SEARCH_SCORES)}")
+            raise WorkbenchError(f"unknown NeMo search score {self.search_score!r}; "
+                                 f"use one of {', '.join(SEARCH_SCORES)}")
         if self.batch < 1 or self.rows_per_call < 1:
             raise WorkbenchError("batch and rows_per_call must be >= 1")
         if self.legacy:

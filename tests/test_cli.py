@@ -95,6 +95,7 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["graph", "{unet}", "--out", "{tmp}"], "already exists"),
     (["testbed", "localize", "{unet}", "--sites", "every"], "unknown NeMo site set"),
     (["testbed", "localize", "{unet}", "--search-score", "pairwise"], "unknown NeMo search score"),
+    (["testbed", "localize", "{unet}", "--methods", "nemo,dosage"], "unknown method 'dosage'"),
     (["testbed", "localize", "{unet}", "--legacy", "--nemo-steps", "1"], ">= 2 with legacy"),
     (["testbed", "localize", "{unet}", "--methods", "dose", "--dose-fractions", "0.1,2"], "--dose-fractions must be"),
     (["testbed", "localize", "{unet}", "--methods", "salun", "--salun-fraction", "0"], "fraction must be in"),

@@ -176,7 +176,7 @@ def testbed_localize(model: ModelArg,
         from localization.salun import SalUnConfig
         from localization.wanda import WandaConfig
         from workbench.io import read_json
-        from workbench.testbed.localization_report import ReportConfig, localization_report
+        from workbench.testbed.localization_report import ReportConfig, check_methods, localization_report
 
         nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score,
                                       detection=NemoConfig(steps=nemo_steps))
@@ -187,8 +187,9 @@ def testbed_localize(model: ModelArg,
             masks["wanda"] = WandaConfig(skill_ratio=wanda_skill_ratio)
         if salun_fraction is not None:
             masks["salun"] = SalUnConfig(fraction=salun_fraction)
-        loaded = load_model(model, "cpu", "float32", "auto")
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+        check_methods(chosen)
+        loaded = load_model(model, "cpu", "float32", "auto")
         report = with_status(json_out, "localizing", lambda advance: localization_report(
             loaded, holdout, chosen, ReportConfig(seeds=seeds), advance, nemo, fractions, masks))
         if json_out:

@@ -179,20 +179,24 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
 
 def _top_z(z: dict[str, torch.Tensor], fraction: float) -> NeuronSet:
     """The int(fraction · n) neurons of highest z over every site pooled (n: all of them)."""
-    mask = top_fraction(z, fraction)
-    return NeuronSet({path: torch.nonzero(chosen).flatten().tolist() for path, chosen in mask.items() if chosen.any()})
+    chosen = top_fraction(z, fraction)
+    return NeuronSet({path: torch.nonzero(mask).flatten().tolist() for path, mask in chosen.items() if mask.any()})
+
+
+DOSE_FRACTIONS = (0.1, 0.25, 0.5)
+REPORT_METHODS = ("nemo", "wanda", "salun", "ablation", "dose")
 
 
 def dose_report(model: Model, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
-                nemo: NemoLocalizationConfig = NemoLocalizationConfig(), fractions: tuple[float, ...] = (0.1, 0.25, 0.5),
+                nemo: NemoLocalizationConfig = NemoLocalizationConfig(), fractions: tuple[float, ...] = DOSE_FRACTIONS,
                 advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """How much of NeMo's own ranking must go before a verbatim caption's memorization goes.
 
-    Per caption and fraction f: switch off the top f of its value neurons by NeMo's |z| (every NeMo
-    site pooled) and, as control, a random set with the same per-site
-    counts; measure the noise-consistency score, the replication SSIM, the SSIM between seeds, and the
-    ordinary captions' SSIM to their un-edited generations. NeMo's search stops at θ 1.25 and top-15
-    per site; this shows whether any z-ranked set meets issue 4's bar at all on the checkpoint.
+    Per caption and fraction f: switch off the top f of its value neurons by NeMo's |z| (every NeMo site
+    pooled) and, as control, a random set with the same per-site counts; measure the noise-consistency
+    score, the replication SSIM, the SSIM between seeds, and the ordinary captions' SSIM to their
+    un-edited generations. NeMo's search stops at θ 1.25 and top-15 per site; this shows whether any
+    z-ranked set meets issue 4's bar at all on the checkpoint.
     """
     photos = _verbatim(config)
     stats = holdout_statistics(model, holdout_prompts[:config.holdout], nemo)
@@ -241,15 +245,23 @@ def ablation_report(model: Model, holdout_prompts: list[str], config: ReportConf
             "mean_entropy_difference": float(np.mean([v["difference"] for v in entropy.values()])) if entropy else None}
 
 
+def check_methods(methods: tuple[str, ...]) -> None:
+    """One-line error for a section name the report does not have."""
+    unknown = [method for method in methods if method not in REPORT_METHODS]
+    if unknown:
+        raise WorkbenchError(f"unknown method {unknown[0]!r}; use {', '.join(REPORT_METHODS)}")
+
+
 def localization_report(model: Model, holdout_prompts: list[str], methods: tuple[str, ...],
                         config: ReportConfig = ReportConfig(),
                         advance: Callable[[str], None] = lambda text: None,
                         nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
-                        dose_fractions: tuple[float, ...] = (0.1, 0.25, 0.5),
+                        dose_fractions: tuple[float, ...] = DOSE_FRACTIONS,
                         mask_configs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sections of `methods` (nemo, wanda, salun, ablation, dose) on one checkpoint; `nemo` configures
     NeMo's search, the score every section reports and the dose-response's sites; `mask_configs` maps
     wanda / salun to a config other than the method's defaults."""
+    check_methods(methods)
     report: dict[str, Any] = {"config": asdict(config), "nemo_config": asdict(nemo)}
     for method in methods:
         if method == "nemo":
@@ -259,8 +271,6 @@ def localization_report(model: Model, holdout_prompts: list[str], methods: tuple
                                          nemo, advance)
         elif method == "ablation":
             report["ablation"] = ablation_report(model, holdout_prompts, config, advance)
-        elif method == "dose":
-            report["dose"] = dose_report(model, holdout_prompts, config, nemo, dose_fractions, advance)
         else:
-            raise WorkbenchError(f"unknown method {method!r}; use nemo, wanda, salun, ablation or dose")
+            report["dose"] = dose_report(model, holdout_prompts, config, nemo, dose_fractions, advance)
     return report
