@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from localization.sharding import Shard
 from workbench.errors import WorkbenchError
+from workbench.graph import parse_role
 from workbench.models.model import Model
 from workbench.neurons import WeightMask
 from workbench.noising import noised, sample_timesteps
@@ -43,6 +44,8 @@ class SalUnConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1 or self.batch_size < 1 or self.repeats < 1:
             raise WorkbenchError("fraction must be in (0, 1], batch_size and repeats >= 1")
+        for role in self.roles or ():
+            parse_role(role)
 
 
 @torch.no_grad()

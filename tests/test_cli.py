@@ -99,8 +99,12 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["testbed", "localize", "{unet}", "--legacy", "--nemo-steps", "1"], ">= 2 with legacy"),
     (["testbed", "localize", "{unet}", "--methods", "dose", "--dose-fractions", "0.1,2"], "--dose-fractions must be"),
     (["testbed", "localize", "{unet}", "--methods", "salun", "--salun-fraction", "0"], "fraction must be in"),
+    (["testbed", "localize", "{unet}", "--methods", "salun", "--salun-roles", "cross_attn_vaule"], "unknown role"),
+    (["localize", "salun", "{unet}", "--prompts", "{tmp}/prompts.txt", "--roles", "ffn", "--out", "{tmp}/s.json"],
+     "unknown role 'ffn'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tiny_folders, tmp_path, args, match):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
     filled = [a.format(tmp=tmp_path, unet=tiny_folders["unet"]) for a in args]
     _fails_cleanly(_run(*filled), match)
 

@@ -53,6 +53,10 @@ def load_model(model: Path, device: str, dtype: str, family: str):
     return workbench.load(model, device=device, dtype=dtype, family=family)
 
 
+def comma_list(text: str | None) -> tuple[str, ...] | None:
+    """'a, b,' -> ('a', 'b'); None or nothing but commas -> None."""
+    items = tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    return items or None
 
 
 T = TypeVar("T")

@@ -99,7 +99,7 @@ class NeuronGraph:
         matches exact paths or path suffixes (`"attn2.to_v"` matches `....attn2.to_v`). `blocks`
         match exactly or as a prefix (`"down"` matches `down.0`, `down.1`, ...).
         """
-        role_set = {_role(r) for r in roles} if roles is not None else None
+        role_set = {parse_role(r) for r in roles} if roles is not None else None
         block_list = list(blocks) if blocks is not None else None
         return [s for s in self._sites.values()
                 if (targets is None or _matches(s.path, targets))
@@ -200,7 +200,8 @@ class NeuronGraph:
         return cls.from_json(read_json(path, "neuron graph"))
 
 
-def _role(value: Role | str) -> Role:
+def parse_role(value: Role | str) -> Role:
+    """The `Role` named `value`; a one-line error listing the roles otherwise."""
     try:
         return Role(value)
     except ValueError:

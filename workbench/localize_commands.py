@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from workbench.cli_support import DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, console, load_model, \
-    print_json, user_errors, with_status
+from workbench.cli_support import DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, comma_list, console, \
+    load_model, print_json, user_errors, with_status
 
 localize_app = typer.Typer(help="Localize memorized prompts or concepts on the neuron graph.", no_args_is_help=True)
 
@@ -181,7 +181,7 @@ def salun(model: ModelArg, prompts: PromptsOpt,
                 loaded_images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
             forget = torch.from_numpy(np.stack(loaded_images)).permute(0, 3, 1, 2)
         config = SalUnConfig(fraction=fraction, per_layer=per_layer,
-                             roles=tuple(r.strip() for r in roles.split(",")) if roles else None)
+                             roles=comma_list(roles))
         loaded = load_model(model, device, dtype, family)
         result = with_status(json_out, "salun", lambda advance: localize(loaded, "salun", targets, config=config,
                                                                          images=forget, advance=advance))

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from workbench.cli_support import (DeviceOpt, JsonOpt, ModelArg, console, load_model, print_json, user_errors,
-                                    with_status)
+from workbench.cli_support import (DeviceOpt, JsonOpt, ModelArg, comma_list, console, load_model, print_json,
+                                    user_errors, with_status)
 from workbench.errors import WorkbenchError
 
 testbed_app = typer.Typer(help="The project's own small models with planted, known memorization.",
@@ -168,6 +168,9 @@ def testbed_localize(model: ModelArg,
                          help="ConceptPrune's per-row fraction (default: the method's, 0.01).")] = None,
                      salun_fraction: Annotated[Optional[float], typer.Option(
                          help="SalUn's share of salient weights (default: the method's, 0.5).")] = None,
+                     salun_roles: Annotated[Optional[str], typer.Option(
+                         help="Comma-separated roles SalUn ranks, e.g. cross_attn_value (default: every site).")]
+                     = None,
                      json_out: JsonOpt = False) -> None:
     """Localization on the verbatim-memorized captions: removed? random controls? ordinary captions unchanged?"""
     with user_errors():
@@ -185,9 +188,11 @@ def testbed_localize(model: ModelArg,
         masks = {}
         if wanda_skill_ratio is not None:
             masks["wanda"] = WandaConfig(skill_ratio=wanda_skill_ratio)
-        if salun_fraction is not None:
-            masks["salun"] = SalUnConfig(fraction=salun_fraction)
-        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+        salun = {name: value for name, value in (("fraction", salun_fraction), ("roles", comma_list(salun_roles)))
+                 if value is not None}
+        if salun:
+            masks["salun"] = SalUnConfig(**salun)
+        chosen = comma_list(methods) or ()
         check_methods(chosen)
         loaded = load_model(model, "cpu", "float32", "auto")
         report = with_status(json_out, "localizing", lambda advance: localization_report(
