@@ -37,17 +37,34 @@ _QK_NORMS = {False: ("norm_q", "norm_k"), True: ("norm_q", "norm_added_k")}  # p
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """Layer ablation against the memorization score, plus attention entropy (needs holdout prompts)."""
+    """Layer ablation against the memorization score or, with `concept` ("head=label", e.g. "subject=house")
+    and `classifier` (a folder written by `workbench testbed classifier`), against the classifier's
+    probability of that label on `concept_seeds` generations per prompt; plus attention entropy (needs
+    holdout prompts)."""
 
     mode: str = "null"
     detection: NemoConfig = NemoConfig()
     entropy: bool = True
     steps: int = 25
     guidance_scale: float = 5.0
+    concept: str | None = None
+    classifier: str | None = None
+    concept_seeds: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise WorkbenchError(f"unknown ablation mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if (self.concept is None) != (self.classifier is None):
+            raise WorkbenchError("a concept score needs both concept (head=label) and classifier (its folder)")
+        if self.concept is not None and len([part for part in self.concept.split("=") if part.strip()]) != 2:
+            raise WorkbenchError(f"concept {self.concept!r} must read head=label, e.g. subject=house")
+        if self.concept_seeds < 1:
+            raise WorkbenchError("concept_seeds must be >= 1")
+
+    @property
+    def concept_label(self) -> tuple[str, str]:
+        head, label = (part.strip() for part in (self.concept or "").split("="))
+        return head, label
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,9 @@ def memorization_score(model: Model, prompts: Sequence[str], config: NemoConfig 
 def concept_probability(model: Model, classifier: torch.nn.Module, head: str, label: str, prompts: Sequence[str],
                         seeds: int = 4, steps: int = 25, guidance_scale: float = 5.0) -> Callable[[], float]:
     """Mean probability the concept classifier gives `label` of `head` on generations of `prompts`."""
+    if label not in classifier.labels.get(head, ()):
+        known = ", ".join(f"{h}={v}" for h, values in classifier.labels.items() for v in values)
+        raise WorkbenchError(f"the classifier has no concept {head}={label}; use one of {known}")
     index = classifier.labels[head].index(label)
 
     def score() -> float:

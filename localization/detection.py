@@ -204,6 +204,14 @@ def calibrate_threshold(scores: Sequence[float], k: float = 1.0) -> float:
     return float(values.mean() + k * values.std(unbiased=True))
 
 
+def check_nemo_threshold(value: float | None) -> float | None:
+    """A given NeMo threshold: an MS-SSIM value strictly between −1 and 1 (at 1 no seed is ever flagged)."""
+    if value is not None and not (math.isfinite(value) and -1 < value < 1):
+        raise WorkbenchError(f"NeMo threshold {value} is outside (-1, 1); give an MS-SSIM value such as 0.428, "
+                             "or leave it out to calibrate on non-memorized prompts")
+    return value
+
+
 def _exceeds(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score > threshold)
 
@@ -215,6 +223,11 @@ class Thresholds:
     nemo: float | None = None
     wen: float | None = None
     source: str = "scores only"  # or "calibration (n prompts, mean + k·std)", "given", ...
+
+    def __post_init__(self) -> None:
+        check_nemo_threshold(self.nemo)
+        if self.wen is not None and not (math.isfinite(self.wen) and self.wen >= 0):
+            raise WorkbenchError(f"Wen threshold {self.wen} must be a finite magnitude >= 0")
 
     def to_json(self) -> dict[str, Any]:
         return {"nemo": self.nemo, "wen": self.wen, "source": self.source}

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 import workbench
-from localization.ablation import AblationConfig, attention_entropy, memorization_score, rank_layers
-from localization.detection import calibrate_threshold, nemo_scores
+from localization.ablation import (AblationConfig, attention_entropy, concept_probability, memorization_score,
+                                   rank_layers)
+from localization.detection import calibrate_threshold, check_nemo_threshold, nemo_scores
 from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
 from localization.salun import SalUnConfig, saliency_mask
 from localization.sharding import Shard, gather_statistics, map_prompts
@@ -26,7 +27,7 @@ from localization.wanda import WandaConfig, localize_weights
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_tensor_hash, prompt_set_hash
 from workbench.graph import NeuronGraph
-from workbench.io import atomic_write_json, read_json
+from workbench.io import atomic_write_json, check_writable, read_json
 from workbench.models.model import Model
 from workbench.neurons import NeuronSet, WeightMask
 from workbench.sampling import generate
@@ -83,14 +84,18 @@ class Localization:
         return {"format": LOCALIZATION_FORMAT, "method": self.method, "config": self.config,
                 "provenance": self.provenance, "results": self.results, **self.extra}
 
-    def mask_path(self, path: str | os.PathLike) -> Path:
+    @staticmethod
+    def mask_path(path: str | os.PathLike) -> Path:
         """Where `save(path)` puts the weight mask: beside the JSON."""
         return Path(path).with_suffix(".mask.safetensors")
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """The JSON at `path`; a weight mask beside it (`mask_path`), written first."""
+        """The JSON at `path`; a weight mask beside it (`mask_path`), written first. Both paths are checked
+        before either is written, so a refused save leaves no half of it behind."""
         data = self.to_json()
+        check_writable(path, overwrite=overwrite)
         if self.mask is not None:
+            check_writable(self.mask_path(path), overwrite=overwrite)
             self.mask.save(self.mask_path(path), overwrite=overwrite)
             data["mask"] = self.mask_path(path).name
         atomic_write_json(path, data, overwrite=overwrite)
@@ -168,9 +173,18 @@ def _salun(request: _Request) -> Localization:
 
 def _ablation(request: _Request) -> Localization:
     model, prompts, config = request.model, request.prompts, request.config
+    if config.concept is None:
+        score, name = memorization_score(model, prompts, config.detection), "memorization"
+    else:
+        from workbench.testbed.classifier import load_classifier
+
+        head, label = config.concept_label
+        score = concept_probability(model, load_classifier(config.classifier), head, label, prompts,
+                                    config.concept_seeds, config.steps, config.guidance_scale)
+        name = f"probability of {head}={label}"
+        request.provenance["seeds"] = f"concept generations: seeds 0..{config.concept_seeds - 1} per prompt"
     request.advance("ranking layers")
-    extra: dict[str, Any] = {"ranking": rank_layers(model, memorization_score(model, prompts, config.detection),
-                                                    config.mode, request.advance)}
+    extra: dict[str, Any] = {"score": name, "ranking": rank_layers(model, score, config.mode, request.advance)}
     if request.holdout is not None and config.entropy:
         request.advance("attention entropy")
         holdout = _check_prompts(request.holdout, "holdout")
@@ -193,7 +207,7 @@ def _nemo(request: _Request) -> Localization:
     advance("holdout statistics")
     mine = [holdout[i] for i in shard.positions(len(holdout))]
     statistics = gather_statistics(holdout_statistics(model, mine, config) if mine else {}, shard)
-    threshold, source = request.threshold, "given"
+    threshold, source = check_nemo_threshold(request.threshold), "given"
     if threshold is None:
         advance("calibrating the threshold")
         threshold = calibrate_threshold(map_prompts(lambda p: nemo_scores(model, [p], config.detection)[0].score,

@@ -6,9 +6,9 @@ Memorization in Diffusion Models", NeurIPS 2024, §3. Per memorized prompt:
 1. detect it with the noise-consistency score and keep its memorized seeds (`localization.detection`);
 2. compare its value-neuron activations a_{l,i}(p) (token mean of the value projection's output) with
    holdout statistics: z_{l,i} = |a − μ| / σ;
-3. initial selection: θ 5.0 → 1.0 in steps of 0.25 and top-k 0 → +1, until blocking the candidates
-   brings the score s = max over memorized seeds of MS-SSIM(δ(seed), δ_blocked(seed)) under the
-   threshold; 4. refinement: drop whole layers, then single neurons, in reverse order, while s stays under.
+3. initial selection: θ 5.0 → 1.25 by 0.25 (the search stops at 1.0) and top-k 0 → +1, until blocking
+   the candidates brings the score s = max over memorized seeds of MS-SSIM(δ(seed), δ_blocked(seed))
+   under the threshold; 4. refinement: drop whole layers, then single neurons, in reverse order, while s stays under.
 
 Defaults are the paper's: the first timestep, top-k on z, the signed token mean. `legacy=True` gives
 the reference code instead (timesteps[1], top-k on raw activations, absolute token mean;
@@ -20,7 +20,7 @@ and mid attention) or every value site (`all_value`); PixArt
 uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
 value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
 
-Speed-ups over the reference, with identical neuron sets: activations are computed once, by one
+Speed-ups over the reference call pattern, with the neuron sets a sequential search finds: activations are computed once, by one
 matmul where the value input is the text embedding alone; holdout statistics are mergeable running
 statistics; several candidate removals are scored in one batched forward (`nemo_search`).
 """
@@ -51,7 +51,8 @@ SEARCH_SCORES = ("reference", "consistency")
 
 @dataclass(frozen=True)
 class NemoLocalizationConfig:
-    """NeMo's search; defaults are the paper's (and its reference code's CLI defaults)."""
+    """NeMo's search; defaults are the paper's (its thresholds and schedule are also the reference code's
+    CLI defaults; `legacy=True` switches to the reference code's timestep, top-k and token mean)."""
 
     sites: str = "official"
     schedule: SelectionSchedule = SelectionSchedule()
@@ -146,14 +147,14 @@ def holdout_statistics(model: Model, prompts: Sequence[str],
 def prompt_z_scores(model: Model, prompt: str, holdout: dict[str, RunningStats],
                     config: NemoLocalizationConfig = NemoLocalizationConfig()
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """a_{l,i}(p) and z_{l,i}(p) of one prompt per NeMo site, in execution order (z = 0 where σ = 0)."""
+    """a_{l,i}(p) and z_{l,i}(p) of one prompt per NeMo site, in execution order."""
     sites = nemo_sites(model, config.sites)
     missing = [s.path for s in sites if s.path not in holdout]
     if missing:
         raise WorkbenchError(f"holdout statistics lack {len(missing)} NeMo sites (e.g. {missing[0]}); compute them "
                              f"with the same site set ({config.sites!r}) on this model")
     activations = {path: a[0] for path, a in value_activations(model, [prompt], sites, config).items()}
-    return activations, {path: torch.nan_to_num(v, nan=0.0) for path, v in z_scores(activations, holdout).items()}
+    return activations, z_scores(activations, holdout)
 
 
 @dataclass

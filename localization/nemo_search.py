@@ -4,8 +4,9 @@ Hintersdorf et al., "Finding NeMo", NeurIPS 2024, §3 (out-of-distribution activ
 selection, refinement); defaults and order of operations from the reference code
 (shared/research/localization.md §1.3–1.4). The search only needs a `Scorer`: given several blocked
 neuron sets, the memorization score of each (a batched forward in `localization.nemo`). Scoring
-several candidates per call is our speed-up; every decision is the one the sequential reference makes,
-so the neuron sets are identical.
+several candidates per call is our speed-up; every decision is the one the sequential search makes,
+so the neuron sets are identical to it. Within a site, candidates are in index order (the reference
+appends the top-k in activation order, so its single-neuron refinement may visit them in another order).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.neurons import NeuronSet
 from workbench.stats import RunningStats
 
@@ -24,8 +26,13 @@ Scorer = Callable[[list[NeuronSet]], list[float]]
 
 
 def z_scores(activations: dict[str, torch.Tensor], holdout: dict[str, RunningStats]) -> dict[str, torch.Tensor]:
-    """Two-sided z_{l,i} = |a_{l,i} − μ_{l,i}| / σ_{l,i} (σ unbiased over the holdout prompts)."""
-    return {site: (a.double() - holdout[site].mean).abs() / holdout[site].std for site, a in activations.items()}
+    """Two-sided z_{l,i} = |a_{l,i} − μ_{l,i}| / σ_{l,i} (σ unbiased over the holdout prompts); z = 0 where
+    σ = 0 (a neuron constant over the holdout says nothing about the prompt)."""
+    out = {}
+    for site, a in activations.items():
+        std = holdout[site].std
+        out[site] = torch.where(std > 0, (a.double() - holdout[site].mean).abs() / std.clamp_min(1e-300), 0.0)
+    return out
 
 
 def candidates(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], theta: float, k: int,
@@ -51,6 +58,10 @@ class SelectionSchedule:
     min_theta: float = 1.0
     initial_k: int = 0
     k_step: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.theta_step > 0 or self.k_step < 0:
+            raise WorkbenchError("NeMo's schedule needs theta_step > 0 and k_step >= 0")
 
     def steps(self, max_k: int) -> list[tuple[float, int]]:
         out, theta, k = [], self.initial_theta, self.initial_k

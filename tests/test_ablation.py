@@ -122,3 +122,30 @@ def test_cli_localize_ablation_json(tiny_folders, tmp_path):
     layers = {r["layer"] for r in data["ranking"]}
     assert layers == set(data["entropy"]) and all(layer.endswith("attn2") for layer in layers)
     assert all(v["difference"] == pytest.approx(v["prompts"] - v["holdout"]) for v in data["entropy"].values())
+
+
+def test_concept_ranking_is_the_drop_of_the_classifier_probability(unet_model, tmp_path):
+    from localization.ablation import AblationConfig, concept_probability
+    from localization.localize import localize
+    from workbench.errors import WorkbenchError
+    from workbench.testbed.classifier import ConceptClassifier, load_classifier, save_classifier
+
+    torch.manual_seed(0)
+    save_classifier(ConceptClassifier(), tmp_path / "classifier")
+    config = AblationConfig(concept="subject=house", classifier=str(tmp_path / "classifier"), concept_seeds=2,
+                            steps=2, entropy=False)
+    result = localize(unet_model, "ablation", ["a red circle"], config=config)
+    score = concept_probability(unet_model, load_classifier(tmp_path / "classifier"), "subject", "house",
+                                ["a red circle"], seeds=2, steps=2, guidance_scale=config.guidance_scale)
+    base, layer = score(), cross_attention_layers(unet_model)[0]
+    with layer_ablation(unet_model, layer, "null"):
+        ablated = score()
+    ranking = result.extra["ranking"]
+    row = next(r for r in ranking if r["layer"] == layer.path)
+    assert result.extra["score"] == "probability of subject=house"
+    assert row["base"] == pytest.approx(base) and row["drop"] == pytest.approx(base - ablated)
+    assert [r["drop"] for r in ranking] == sorted((r["drop"] for r in ranking), reverse=True)
+    assert any(r["drop"] != 0 for r in ranking)  # switching a layer to the empty prompt changes the images
+    with pytest.raises(WorkbenchError, match="no concept subject=unicorn"):
+        localize(unet_model, "ablation", ["a red circle"], config=AblationConfig(
+            concept="subject=unicorn", classifier=str(tmp_path / "classifier"), steps=2, entropy=False))

@@ -102,9 +102,27 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["testbed", "localize", "{unet}", "--methods", "salun", "--salun-roles", "cross_attn_vaule"], "unknown role"),
     (["localize", "salun", "{unet}", "--prompts", "{tmp}/prompts.txt", "--roles", "ffn", "--out", "{tmp}/s.json"],
      "unknown role 'ffn'"),
+    (["testbed", "localize", "{unet}", "--methods", ","], "give at least one method"),
+    (["testbed", "localize", "{unet}", "--seeds", "0"], "seeds >= 1"),
+    (["testbed", "localize", "{unet}", "--testbed", "{tmp}/other.json"], "held-out captions"),
+    (["localize", "nemo", "{unet}", "--prompts", "{tmp}/prompts.txt", "--holdout", "{tmp}/prompts.txt",
+      "--threshold", "1.5"], "outside (-1, 1)"),
+    (["localize", "nemo", "{unet}", "--prompts", "{tmp}/prompts.txt", "--holdout", "{tmp}/prompts.txt",
+      "--out", "{tmp}/a.json", "--graph", "{tmp}/a.json"], "same file"),
+    (["localize", "wanda", "{unet}", "--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/taken.json"],
+     "taken.mask.safetensors already exists"),
+    (["localize", "salun", "{unet}", "--prompts", "{tmp}/prompts.txt", "--images", "{tmp}/images.txt",
+      "--out", "{tmp}/s.json"], "not a readable image"),
+    (["localize", "ablation", "{unet}", "--prompts", "{tmp}/prompts.txt", "--concept", "subject=house"],
+     "needs both concept"),
+    (["localize", "ablation", "{unet}", "--prompts", "{tmp}/prompts.txt", "--concept", "house",
+      "--classifier", "{tmp}"], "must read head=label"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tiny_folders, tmp_path, args, match):
     (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "other.json").write_text('{"format": "not a testbed"}')
+    (tmp_path / "taken.mask.safetensors").write_bytes(b"a mask kept from an earlier run")
+    (tmp_path / "images.txt").write_text(f"{tmp_path / 'prompts.txt'}\n")
     filled = [a.format(tmp=tmp_path, unet=tiny_folders["unet"]) for a in args]
     _fails_cleanly(_run(*filled), match)
 

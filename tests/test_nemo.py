@@ -23,6 +23,12 @@ def test_z_scores_are_two_sided_with_the_unbiased_std():
     assert z.tolist() == pytest.approx([2 / math.sqrt(2), 2 / math.sqrt(8)])
 
 
+def test_a_neuron_constant_over_the_holdout_gets_z_zero_not_infinity():
+    holdout = {"s": RunningStats.of(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))}  # σ = (0, √2)
+    z = z_scores({"s": torch.tensor([5.0, 3.0])}, holdout)["s"]
+    assert z.tolist() == pytest.approx([0.0, 2 / math.sqrt(2)])
+
+
 def test_candidates_are_z_over_theta_plus_top_k_by_z_or_raw_activation():
     a, z = {"s": torch.tensor([10.0, 1.0, 2.0, 3.0])}, {"s": torch.tensor([0.5, 6.0, 2.0, 7.0])}
     assert candidates(a, z, theta=5.0, k=0)["s"] == (1, 3)
@@ -35,6 +41,8 @@ def test_selection_schedule_runs_theta_5_to_1_25_and_k_0_to_15():
     steps = SelectionSchedule().steps(max_k=1280)
     assert steps[0] == (5.0, 0) and steps[1] == (4.75, 1) and steps[-1] == (1.25, 15) and len(steps) == 16
     assert SelectionSchedule().steps(max_k=3)[-1] == (4.5, 2)  # k may not reach the layer width
+    with pytest.raises(WorkbenchError, match="theta_step > 0"):
+        SelectionSchedule(theta_step=0.0, k_step=0)  # would never end
 
 
 def _count_scorer(log):

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -33,7 +32,7 @@ from localization.localize import localize
 from workbench.errors import WorkbenchError
 from workbench.html_page import figure, page, table as html_table
 from workbench.intervene import ablate
-from workbench.io import atomic_write_json, atomic_write_text, read_json
+from workbench.io import atomic_write_json, atomic_write_text, read_json, read_rgb_images
 from workbench.sampling import generate
 from workbench.testbed.classifier import images_to_unit
 from workbench.testbed.dataset import build_dataset
@@ -89,10 +88,6 @@ def training_images(testbed: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
     _, first = np.unique(np.array(data.ids), return_index=True)
     first = np.sort(first)
     return images_to_unit(data.images[first]), [data.ids[i] for i in first]
-
-
-def load_png(path: Path) -> torch.Tensor:
-    return images_to_unit(np.asarray(Image.open(path).convert("RGB"))[None])[0]
 
 
 def caption_rows(testbed: dict[str, Any], config: DemoConfig) -> tuple[list[dict[str, Any]], list[str]]:
@@ -216,7 +211,7 @@ def html_report(rows: list[dict[str, Any]], training: torch.Tensor, checkpoints:
              f"when its SSIM to it is at least {summary['replication_bar']}.</p>")
     body = []
     for row, caption in zip(rows, summary["captions"]):
-        own = figure(load_png(checkpoints / row["image"]), "training image") if row["image"] else ""
+        own = figure(read_rgb_images([checkpoints / row["image"]], "training image")[0], "training image") if row["image"] else ""
         generated = "".join(
             figure(image, f"SSIM {ssim:.2f}" + (" copy" if ssim >= REPLICATION_BAR else ""))
             for image, ssim in zip(row["images"], caption["replication_ssim"]))

@@ -9,8 +9,9 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -70,6 +71,28 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WorkbenchError(f"{what} {path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
                              "restore it or write it again") from None
+
+
+def read_rgb_images(paths: Sequence[str | os.PathLike], what: str = "image") -> torch.Tensor:
+    """(N, 3, H, W) float in [0, 1] from image files of one size; a missing, unreadable or differently
+    sized file is a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    arrays: list[np.ndarray] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise WorkbenchError(f"{what} {path} not found; check the path")
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as err:
+            raise WorkbenchError(f"{what} {path} is not a readable image ({err}); give a PNG or JPEG") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise WorkbenchError(f"{what} {path} is {arrays[-1].shape[1]}×{arrays[-1].shape[0]} but the first is "
+                                 f"{arrays[0].shape[1]}×{arrays[0].shape[0]}; give images of one size")
+    if not arrays:
+        raise WorkbenchError(f"no {what} paths given; list one path per line")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], file_format: str, *,

@@ -17,12 +17,31 @@ OutOpt = Annotated[Optional[Path], typer.Option(help="Save the localization (JSO
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out / --graph file.")]
 
 
-def _save_mask_localization(result, out: Path, overwrite: bool, json_out: bool) -> None:
-    """Save a weight-mask localization (JSON + mask beside it) and report it."""
+def _check_mask_outputs(out: Path, overwrite: bool) -> None:
+    """Before any work: both files a weight-mask localization writes (the JSON and the mask beside it)."""
+    from localization.localize import Localization
     from workbench.io import check_writable
 
-    check_writable(result.mask_path(out), overwrite=overwrite)
+    for path in (out, Localization.mask_path(out)):
+        check_writable(path, overwrite=overwrite)
+
+
+def _run_sharded(json_out: bool, description: str, run) -> object | None:
+    """`run(shard, advance)` under a spinner; under `accelerate launch`, None on every process but the main one
+    (which writes and prints)."""
+    from localization.sharding import current_shard
+
+    shard = current_shard()
+    result = with_status(json_out or shard.index > 0, description, lambda advance: run(shard, advance))
+    return result if shard.index == 0 else None
+
+
+def _save_mask_localization(result, out: Path, overwrite: bool, json_out: bool) -> None:
+    """Save a weight-mask localization (JSON + mask beside it) and report it; warn when it selects nothing."""
     result.save(out, overwrite=overwrite)
+    if result.extra["weights"] == 0:
+        typer.echo(f"warning: the {result.method} mask selects no weight (fraction × row or site size < 1); "
+                   "raise the fraction", err=True)
     summary = {"localization": str(out), "mask": str(result.mask_path(out)), "density": result.extra["density"],
                "weights": result.extra["weights"],
                "per_site": {site: int(mask.sum()) for site, mask in result.mask.items()}}
@@ -62,22 +81,26 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         from rich.progress import Progress
         from rich.table import Table
 
-        from localization.detection import read_prompts
+        from localization.detection import check_nemo_threshold, read_prompts
         from localization.localize import localize
         from localization.nemo import NemoLocalizationConfig
         from localization.sharding import current_shard
+        from workbench.errors import WorkbenchError
         from workbench.io import check_writable
 
+        if out is not None and graph is not None and out.resolve() == graph.resolve():
+            raise WorkbenchError("--out and --graph name the same file; give two paths")
         for path in (out, graph):
             if path is not None:
                 check_writable(path, overwrite=overwrite)
+        check_nemo_threshold(threshold)
         targets, calibration = read_prompts(prompts), read_prompts(holdout)
         config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
         shard = current_shard()  # under `accelerate launch`, prompts are split over the processes
         with Progress(console=console, disable=json_out or shard.index > 0, transient=True) as progress:
-            task = progress.add_task("nemo", total=len(targets) + 2)
+            task = progress.add_task("nemo", total=len(targets) + (1 if threshold is not None else 2))
             result = localize(loaded, "nemo", targets, config=config, holdout=calibration, threshold=threshold,
                               shard=shard,
                               advance=lambda text: progress.update(task, advance=1, description=escape(text)))
@@ -129,16 +152,16 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
         from localization.detection import read_prompts
         from localization.localize import localize
         from localization.wanda import WandaConfig
-        from workbench.io import check_writable
 
-        check_writable(out, overwrite=overwrite)
+        _check_mask_outputs(out, overwrite)
         targets = read_prompts(prompts)
         bases = read_prompts(base) if base is not None else None
         config = WandaConfig(mode=mode, skill_ratio=skill_ratio, calls=calls, sparsity=sparsity)
         loaded = load_model(model, device, dtype, family)
-        result = with_status(json_out, "wanda: column norms",
-                             lambda advance: localize(loaded, "wanda", targets, config=config, holdout=bases))
-        _save_mask_localization(result, out, overwrite, json_out)
+        result = _run_sharded(json_out, "wanda: column norms", lambda shard, advance: localize(
+            loaded, "wanda", targets, config=config, holdout=bases, shard=shard, advance=advance))
+        if result is not None:
+            _save_mask_localization(result, out, overwrite, json_out)
 
 
 @localize_app.command("salun")
@@ -157,35 +180,27 @@ def salun(model: ModelArg, prompts: PromptsOpt,
           dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
     """SalUn (Fan et al., ICLR 2024): weights salient for the forgetting loss of the prompts' images."""
     with user_errors():
-        import numpy as np
-        import torch
-        from PIL import Image
-
         from localization.detection import read_prompts
         from localization.localize import localize
         from localization.salun import SalUnConfig
         from workbench.errors import WorkbenchError
-        from workbench.io import check_writable
+        from workbench.io import read_rgb_images
 
-        check_writable(out, overwrite=overwrite)
+        _check_mask_outputs(out, overwrite)
         targets = read_prompts(prompts)
         forget = None
         if images is not None:
-            paths = [Path(p) for p in read_prompts(images)]
+            paths = read_prompts(images)
             if len(paths) != len(targets):
                 raise WorkbenchError(f"{len(paths)} images for {len(targets)} prompts; give one image per prompt")
-            loaded_images = []
-            for path in paths:
-                if not path.is_file():
-                    raise WorkbenchError(f"forget image {path} not found; check the paths in {images}")
-                loaded_images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
-            forget = torch.from_numpy(np.stack(loaded_images)).permute(0, 3, 1, 2)
+            forget = read_rgb_images(paths, "forget image")
         config = SalUnConfig(fraction=fraction, per_layer=per_layer,
                              roles=comma_list(roles))
         loaded = load_model(model, device, dtype, family)
-        result = with_status(json_out, "salun", lambda advance: localize(loaded, "salun", targets, config=config,
-                                                                         images=forget, advance=advance))
-        _save_mask_localization(result, out, overwrite, json_out)
+        result = _run_sharded(json_out, "salun", lambda shard, advance: localize(
+            loaded, "salun", targets, config=config, images=forget, shard=shard, advance=advance))
+        if result is not None:
+            _save_mask_localization(result, out, overwrite, json_out)
 
 
 @localize_app.command("ablation")
@@ -193,9 +208,16 @@ def ablation(model: ModelArg, prompts: PromptsOpt,
              holdout: Annotated[Optional[Path], typer.Option(
                  help="Ordinary prompts, one per line: adds the attention entropy of prompts vs these.")] = None,
              mode: Annotated[str, typer.Option(help="null (the layer sees the empty prompt) or zero.")] = "null",
+             concept: Annotated[Optional[str], typer.Option(
+                 help="Rank by the drop of a classifier's probability of HEAD=LABEL (e.g. subject=house) on "
+                      "generations of the prompts, instead of the memorization score; needs --classifier.")] = None,
+             classifier: Annotated[Optional[Path], typer.Option(
+                 help="Concept classifier folder (`workbench testbed classifier`).")] = None,
+             concept_seeds: Annotated[int, typer.Option(help="Generations per prompt for --concept.")] = 4,
              out: OutOpt = None, overwrite: OverwriteOpt = False, json_out: JsonOpt = False,
              device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", family: FamilyOpt = "auto") -> None:
-    """Cross-attention layer ablation: rank layers by how much switching each off lowers memorization."""
+    """Cross-attention layer ablation: rank layers by how much switching each off lowers memorization (or a
+    concept's classifier probability)."""
     with user_errors():
         from rich.table import Table
 
@@ -208,15 +230,17 @@ def ablation(model: ModelArg, prompts: PromptsOpt,
             check_writable(out, overwrite=overwrite)
         targets = read_prompts(prompts)
         ordinary = read_prompts(holdout) if holdout is not None else None
+        config = AblationConfig(mode=mode, concept=concept, classifier=str(classifier) if classifier else None,
+                                concept_seeds=concept_seeds)
         loaded = load_model(model, device, dtype, family)
         result = with_status(json_out, "ablation", lambda advance: localize(
-            loaded, "ablation", targets, config=AblationConfig(mode=mode), holdout=ordinary, advance=advance))
+            loaded, "ablation", targets, config=config, holdout=ordinary, advance=advance))
         if out is not None:
             result.save(out, overwrite=overwrite)
         if json_out:
             print_json(result.to_json())
             return
-        table = Table(title=f"layers by memorization-score drop ({mode} ablation)")
+        table = Table(title=f"layers by the drop of the {result.extra['score']} ({mode} ablation)")
         for column in ("layer", "block", "score", "drop", "entropy Δ (prompts − holdout)"):
             table.add_column(column)
         entropy = result.extra.get("entropy", {})

@@ -161,9 +161,9 @@ def testbed_localize(model: ModelArg,
                      = "reference",
                      nemo_steps: Annotated[int, typer.Option(help="Scheduler steps of NeMo's score (it reads the "
                                                                   "first timestep, the second with --legacy).")] = 50,
-                     dose_fractions: Annotated[str, typer.Option(help="Comma-separated fractions of the value "
-                                                                      "neurons the dose section switches off.")]
-                     = "0.1,0.25,0.5",
+                     dose_fractions: Annotated[Optional[str], typer.Option(
+                         help="Comma-separated fractions of the value neurons the dose section switches off "
+                              "(default: 10, 25 and 50 %).")] = None,
                      wanda_skill_ratio: Annotated[Optional[float], typer.Option(
                          help="ConceptPrune's per-row fraction (default: the method's, 0.01).")] = None,
                      salun_fraction: Annotated[Optional[float], typer.Option(
@@ -179,12 +179,16 @@ def testbed_localize(model: ModelArg,
         from localization.salun import SalUnConfig
         from localization.wanda import WandaConfig
         from workbench.io import read_json
-        from workbench.testbed.localization_report import ReportConfig, check_methods, localization_report
+        from workbench.testbed.localization_report import (DOSE_FRACTIONS, ReportConfig, check_holdout,
+                                                           check_methods, localization_report)
 
         nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score,
                                       detection=NemoConfig(steps=nemo_steps))
-        holdout = read_json(testbed, "testbed description")["holdout_prompts"]
-        fractions = _fractions(dose_fractions)
+        report_config = ReportConfig(seeds=seeds)
+        description = read_json(testbed, "testbed description")
+        holdout = check_holdout(description.get("holdout_prompts") if isinstance(description, dict) else None,
+                                report_config)
+        fractions = _fractions(dose_fractions) if dose_fractions is not None else DOSE_FRACTIONS
         masks = {}
         if wanda_skill_ratio is not None:
             masks["wanda"] = WandaConfig(skill_ratio=wanda_skill_ratio)
@@ -196,7 +200,7 @@ def testbed_localize(model: ModelArg,
         check_methods(chosen)
         loaded = load_model(model, "cpu", "float32", "auto")
         report = with_status(json_out, "localizing", lambda advance: localization_report(
-            loaded, holdout, chosen, ReportConfig(seeds=seeds), advance, nemo, fractions, masks))
+            loaded, holdout, chosen, report_config, advance, nemo, fractions, masks))
         if json_out:
             print_json(report)
             return

@@ -48,6 +48,19 @@ class ReportConfig:
     control_seed: int = 1
     captions: tuple[str, ...] | None = None  # verbatim captions to check (None = all fourteen)
 
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.holdout < 2 or self.ordinary < 1:
+            raise WorkbenchError("the localization report needs seeds >= 1, holdout >= 2 and ordinary >= 1")
+
+
+def check_holdout(prompts: Any, config: ReportConfig) -> list[str]:
+    """The held-out captions, if there are enough for NeMo's statistics and the side-effect check."""
+    need = config.holdout + config.ordinary
+    if not isinstance(prompts, list) or len(prompts) < need or not all(isinstance(p, str) and p for p in prompts):
+        raise WorkbenchError(f"the report needs {need} held-out captions (testbed.json's holdout_prompts); "
+                             "write testbed.json with `workbench testbed describe`")
+    return prompts
+
 
 def _verbatim(config: ReportConfig) -> list:
     """The verbatim-memorized photos the report checks."""
@@ -112,7 +125,8 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
             with ablate(model, blocked):
                 entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
         entry["removed"] = bool(len(neurons)) and entry["nemo"]["under_threshold"] and entry["nemo"]["ssim_mean"] < 0.5
-        entry["random_removed"] = entry["random"]["under_threshold"] and entry["random"]["ssim_mean"] < 0.5
+        entry["random_removed"] = (bool(len(control)) and entry["random"]["under_threshold"]
+                                   and entry["random"]["ssim_mean"] < 0.5)
         rows.append(entry)
     union = located.neurons
     advance("ordinary captions")
@@ -246,7 +260,9 @@ def ablation_report(model: Model, holdout_prompts: list[str], config: ReportConf
 
 
 def check_methods(methods: tuple[str, ...]) -> None:
-    """One-line error for a section name the report does not have."""
+    """One-line error for a section name the report does not have, or for none at all."""
+    if not methods:
+        raise WorkbenchError(f"give at least one method: {', '.join(REPORT_METHODS)}")
     unknown = [method for method in methods if method not in REPORT_METHODS]
     if unknown:
         raise WorkbenchError(f"unknown method {unknown[0]!r}; use {', '.join(REPORT_METHODS)}")
@@ -262,6 +278,7 @@ def localization_report(model: Model, holdout_prompts: list[str], methods: tuple
     NeMo's search, the score every section reports and the dose-response's sites; `mask_configs` maps
     wanda / salun to a config other than the method's defaults."""
     check_methods(methods)
+    check_holdout(holdout_prompts, config)
     report: dict[str, Any] = {"config": asdict(config), "nemo_config": asdict(nemo)}
     for method in methods:
         if method == "nemo":
