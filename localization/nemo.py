@@ -8,7 +8,8 @@ Memorization in Diffusion Models", NeurIPS 2024, §3. Per memorized prompt:
    holdout statistics: z_{l,i} = |a − μ| / σ;
 3. initial selection: θ 5.0 → 1.25 by 0.25 (the search stops at 1.0) and top-k 0 → +1, until blocking
    the candidates brings the score s = max over memorized seeds of MS-SSIM(δ(seed), δ_blocked(seed))
-   under the threshold; 4. refinement: drop whole layers, then single neurons, in reverse order, while s stays under.
+   under the threshold; 4. refinement: drop whole layers, then single neurons, in reverse order, while s
+   stays under.
 
 Defaults are the paper's: the first timestep, top-k on z, the signed token mean. `legacy=True` gives
 the reference code instead (timesteps[1], top-k on raw activations, absolute token mean;
@@ -20,9 +21,10 @@ and mid attention) or every value site (`all_value`); PixArt
 uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
 value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
 
-Speed-ups over the reference call pattern, with the neuron sets a sequential search finds: activations are computed once, by one
-matmul where the value input is the text embedding alone; holdout statistics are mergeable running
-statistics; several candidate removals are scored in one batched forward (`nemo_search`).
+Speed-ups over the reference call pattern, with the neuron sets a sequential search finds: activations
+are computed once, by one matmul where the value input is the text embedding alone; holdout statistics
+are mergeable running statistics; several candidate removals are scored in one batched forward
+(`nemo_search`).
 """
 
 from __future__ import annotations

@@ -211,7 +211,9 @@ def html_report(rows: list[dict[str, Any]], training: torch.Tensor, checkpoints:
              f"when its SSIM to it is at least {summary['replication_bar']}.</p>")
     body = []
     for row, caption in zip(rows, summary["captions"]):
-        own = figure(read_rgb_images([checkpoints / row["image"]], "training image")[0], "training image") if row["image"] else ""
+        own = ""
+        if row["image"]:
+            own = figure(read_rgb_images([checkpoints / row["image"]], "training image")[0], "training image")
         generated = "".join(
             figure(image, f"SSIM {ssim:.2f}" + (" copy" if ssim >= REPLICATION_BAR else ""))
             for image, ssim in zip(row["images"], caption["replication_ssim"]))

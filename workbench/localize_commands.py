@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
 from workbench.cli_support import DeviceOpt, DtypeOpt, FamilyOpt, JsonOpt, ModelArg, comma_list, console, \
     load_model, print_json, user_errors, with_status
+
+if TYPE_CHECKING:
+    from localization.localize import Localization
+    from localization.sharding import Shard
 
 localize_app = typer.Typer(help="Localize memorized prompts or concepts on the neuron graph.", no_args_is_help=True)
 
@@ -26,7 +30,8 @@ def _check_mask_outputs(out: Path, overwrite: bool) -> None:
         check_writable(path, overwrite=overwrite)
 
 
-def _run_sharded(json_out: bool, description: str, run) -> object | None:
+def _run_sharded(json_out: bool, description: str,
+                 run: Callable[[Shard, Callable[[str], None]], Localization]) -> Localization | None:
     """`run(shard, advance)` under a spinner; under `accelerate launch`, None on every process but the main one
     (which writes and prints)."""
     from localization.sharding import current_shard
