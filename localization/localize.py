@@ -154,8 +154,9 @@ def _wanda(request: _Request) -> Localization:
         raise WorkbenchError("give the base prompts as a non-empty list of strings")
     request.advance("column norms")
     mask = localize_weights(request.model, request.prompts, request.config, base, request.shard)
-    request.provenance.update(base_sha256=prompt_set_hash(base or [""] * len(request.prompts)),
-                              seeds=f"every prompt generated from seed {request.config.seed}")
+    request.provenance["seeds"] = f"every prompt generated from seed {request.config.seed}"
+    if request.config.mode != "wanda":  # pure Wanda reads no base prompts
+        request.provenance["base_sha256"] = prompt_set_hash(base or [""] * len(request.prompts))
     return request.result(mask=mask)
 
 

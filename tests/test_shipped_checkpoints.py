@@ -58,6 +58,24 @@ def test_the_training_command_builds_the_shipped_architecture(family):
     assert settings_tag(**run_settings(built)) == settings_tag(**run_settings(shipped))
 
 
+@pytest.mark.parametrize("name", sorted(TESTBED.get("variants", {})))
+def test_shipped_variants_are_small_plain_folders_built_by_their_training_command(name):
+    from workbench.testbed.build import VARIANTS, run_settings, settings_tag, train_command
+    from workbench.testbed.captions import VOCABULARY
+    from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
+    from workbench.testing import build_clip_tokenizer
+
+    folder, config = CHECKPOINTS / name, VARIANTS[name]
+    assert TESTBED["variants"][name]["train"] == train_command(name, config)
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 15 * 2**20
+    assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    shipped = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert type(shipped).__name__ == PIPELINES[config.family]
+    built = build_pipeline(config.family, build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS), build_vae(0),
+                           0, config.objective)
+    assert settings_tag(**run_settings(built)) == settings_tag(**run_settings(shipped))
+
+
 def test_the_mmdit_t5_stand_in_gives_the_pipelines_own_no_t5_embeddings():
     folder = CHECKPOINTS / TESTBED["checkpoints"]["mmdit"]
     with_t5 = DiffusionPipeline.from_pretrained(folder, local_files_only=True)

@@ -12,8 +12,8 @@ from workbench.models.loading import load
 from workbench.noising import FLOW_SAMPLINGS, sample_timesteps
 from workbench.testbed.build import BuildConfig, denoiser_state_name
 from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
-from workbench.testbed.train import (DenoiserConfig, VAEConfig, denoiser_loss, encode_latents, train_denoiser,
-                                     train_vae)
+from workbench.testbed.train import (DenoiserConfig, VAEConfig, denoiser_loss, encode_latents, offset,
+                                     train_denoiser, train_vae)
 from workbench.testbed.training import LoopConfig, step_generator
 from workbench.testing import build_clip_tokenizer
 
@@ -183,3 +183,47 @@ def test_a_run_never_resumes_one_with_another_architecture_schedule_or_batch_siz
         change(changed)
         names.add(name(changed))
     assert len(names) == 4
+
+
+def test_offset_noise_shifts_each_image_and_channel_by_one_constant():
+    noise = torch.zeros(3, 4, 5, 5)
+    shifted = offset(noise, 0.1, torch.Generator().manual_seed(0))
+    expected = 0.1 * torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, expected.expand(3, 4, 5, 5))
+    generator = torch.Generator().manual_seed(0)
+    assert offset(noise, 0.0, generator) is noise and torch.equal(generator.get_state(),
+                                                                 torch.Generator().manual_seed(0).get_state())
+    with pytest.raises(WorkbenchError, match="offset noise"):
+        BuildConfig("unet", offset_noise=-0.1)
+
+
+def test_epsilon_objective_is_sd1s_schedule_and_named_in_the_state(vae_and_latents):
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    pipe = build_pipeline("unet", tokenizer, vae_and_latents[0], 0, objective="epsilon")
+    config = pipe.scheduler.config
+    assert config.prediction_type == "epsilon" and not config.rescale_betas_zero_snr
+    assert config.beta_schedule == "scaled_linear" and config.beta_end == 0.012
+    shipped = build_pipeline("unet", tokenizer, vae_and_latents[0], 0)
+    default = shipped.scheduler.config
+    assert default.prediction_type == "v_prediction" and default.rescale_betas_zero_snr
+    plain = denoiser_state_name(BuildConfig("unet", objective="epsilon"), "f" * 64, pipe)
+    shifted = denoiser_state_name(BuildConfig("unet", objective="epsilon", offset_noise=0.1), "f" * 64, pipe)
+    assert shifted == plain + "-offset0.1" and plain != denoiser_state_name(BuildConfig("unet"), "f" * 64, shipped)
+    for bad, match in ((dict(family="mmdit", objective="epsilon"), "rectified flow"),
+                       (dict(family="unet", objective="x0"), "unknown objective")):
+        with pytest.raises(WorkbenchError, match=match):
+            BuildConfig(**bad)
+
+
+def test_offset_noise_training_is_deterministic_and_lowers_the_loss(vae_and_latents, tmp_path):
+    vae, latents = vae_and_latents
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    captions = ["a red circle", "a blue square"] * 4
+    config = DenoiserConfig(LoopConfig(steps=12, lr=2e-3, warmup=0, save_every=100), batch_size=8, offset_noise=0.1)
+    first, second = (build_pipeline("unet", tokenizer, vae, 0, objective="epsilon") for _ in range(2))
+    with torch.no_grad():
+        before = denoiser_loss(load(first), latents, captions, config, step_generator(99, 0)).item()
+    losses = train_denoiser(first, latents, captions, config, tmp_path / "a", show_progress=False)
+    assert losses == train_denoiser(second, latents, captions, config, tmp_path / "b", show_progress=False)
+    with torch.no_grad():
+        assert denoiser_loss(load(first), latents, captions, config, step_generator(99, 0)).item() < 0.8 * before

@@ -101,6 +101,9 @@ def test_wanda_localization_saves_its_mask_beside_the_json(unet_model, tmp_path)
     assert (tmp_path / "w.mask.safetensors").is_file()
     again = Localization.load(tmp_path / "w.json")
     assert again.mask == result.mask and again.config["skill_ratio"] == 0.25
+    assert "base_sha256" in result.provenance  # ConceptPrune compares against base prompts
+    pure = localize(unet_model, "wanda", ["a red circle"], config=WandaConfig(mode="wanda", calls=2, steps=4))
+    assert "base_sha256" not in pure.provenance  # pure Wanda reads none
 
 
 def test_cli_localize_wanda_json(tiny_folders, tmp_path):

@@ -20,8 +20,9 @@ from workbench.models.loading import parse_device
 from workbench.noising import check_flow_sampling
 from workbench.testbed.captions import VOCABULARY
 from workbench.testbed.dataset import build_dataset
-from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
-from workbench.testbed.train import DenoiserConfig, VAEConfig, encode_latents, train_denoiser, train_vae
+from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae, check_objective
+from workbench.testbed.train import (DenoiserConfig, VAEConfig, check_offset_noise, encode_latents, train_denoiser,
+                                     train_vae)
 from workbench.testbed.training import LoopConfig
 from workbench.testing import build_clip_tokenizer
 
@@ -40,12 +41,28 @@ class BuildConfig:
     seed: int = 0
     final_lr_fraction: float = 0.1  # the denoiser's cosine-decay floor, as the shipped runs (1.0: constant)
     flow_sampling: str = "uniform"  # training timesteps of the flow-matching family (mmdit) only
+    objective: str = "v-zero-snr"  # noise schedule and target of the DDPM-type families (`models.OBJECTIVES`)
+    offset_noise: float = 0.0  # `train.offset`; 0 as the shipped runs
 
     def __post_init__(self) -> None:
         check_flow_sampling(self.flow_sampling)
+        check_objective(self.family, self.objective)
+        check_offset_noise(self.offset_noise)
         if self.flow_sampling != "uniform" and self.family != "mmdit":
             raise WorkbenchError(f"--flow-sampling applies to the flow-matching family (mmdit) only, "
                                  f"not {self.family}; leave it at uniform")
+
+
+VARIANTS: dict[str, BuildConfig] = {"unet-eps": BuildConfig("unet", objective="epsilon", offset_noise=0.1)}
+"""Checkpoints shipped beside the families' defaults, by folder name: `unet-eps` is the U-Net with SD 1.x's
+ε-objective and offset noise, the setting NeMo's noise-consistency score assumes (README, Localization)."""
+
+
+def train_command(name: str, config: BuildConfig) -> str:
+    """The `workbench testbed train` command that builds `config` into `checkpoints/<name>`."""
+    options = [f"--{field.replace('_', '-')} {getattr(config, field)}" for field in ("objective", "offset_noise")
+               if getattr(config, field) != getattr(BuildConfig(config.family), field)]
+    return " ".join(["workbench testbed train", config.family, *options, f"--out checkpoints/{name}"])
 
 
 def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True,
@@ -65,11 +82,12 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
     vae_tag = settings_tag(vae=vae.config, batch_size=vae_config.batch_size, kl_weight=vae_config.kl_weight)
     train_vae(vae, data.images, vae_config, work / f"vae-{data.fingerprint()[:12]}-{vae_tag}", show_progress)
     tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
-    pipe = build_pipeline(config.family, tokenizer, vae, config.seed).to(target)
+    pipe = build_pipeline(config.family, tokenizer, vae, config.seed, config.objective).to(target)
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),
-                                  batch_size=config.batch_size, flow_sampling=config.flow_sampling),
+                                  batch_size=config.batch_size, flow_sampling=config.flow_sampling,
+                                  offset_noise=config.offset_noise),
                    work / denoiser_state_name(config, data.fingerprint(), pipe), show_progress)
     return save_pipeline(pipe, out)
 
@@ -79,7 +97,8 @@ def denoiser_state_name(config: BuildConfig, data_fingerprint: str, pipe: Any) -
     schedule or prediction target, architecture (denoiser and text encoders) or batch size."""
     tag = settings_tag(batch_size=config.batch_size, **run_settings(pipe))
     sampling = "" if config.flow_sampling == "uniform" else f"-{config.flow_sampling}"
-    return f"{config.family}-{data_fingerprint[:12]}-{tag}{sampling}"
+    shifted = "" if config.offset_noise == 0 else f"-offset{config.offset_noise:g}"
+    return f"{config.family}-{data_fingerprint[:12]}-{tag}{sampling}{shifted}"
 
 
 def run_settings(pipe: Any) -> dict[str, Any]:

@@ -29,6 +29,12 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
                   flow_sampling: Annotated[str, typer.Option(
                       help="Training timesteps of the mmdit's rectified flow: uniform or logit-normal "
                            "(SD3's).")] = "uniform",
+                  objective: Annotated[str, typer.Option(
+                      help="Schedule and target of the unet/dit: v-zero-snr (shipped) or epsilon "
+                           "(SD 1.x's; pair it with --offset-noise 0.1).")] = "v-zero-snr",
+                  offset_noise: Annotated[float, typer.Option(
+                      help="Std of offset noise (a per-image, per-channel constant added to the noise; "
+                           "0: none).")] = 0.0,
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   device: DeviceOpt = "cpu",
@@ -43,7 +49,8 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
         if family not in FAMILIES:
             raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
         config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed,
-                             final_lr_fraction=final_lr_fraction, flow_sampling=flow_sampling)
+                             final_lr_fraction=final_lr_fraction, flow_sampling=flow_sampling, objective=objective,
+                             offset_noise=offset_noise)
         start = time.perf_counter()
         build_checkpoint(config, out, work, show_progress=not json_out, device=device)
         result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),
@@ -119,18 +126,22 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
                      json_out: JsonOpt = False) -> None:
     """Write testbed.json (ground truth) and the memorized training images beside the checkpoints."""
     with user_errors():
+        from workbench.testbed.build import VARIANTS, train_command
         from workbench.testbed.dataset import build_dataset
         from workbench.testbed.describe import describe
         from workbench.testbed.models import FAMILIES
 
         checkpoints = {family: family for family in FAMILIES if (out / family / "model_index.json").is_file()}
+        variants = {name: {"family": config.family, "objective": config.objective,
+                           "offset_noise": config.offset_noise, "train": train_command(name, config)}
+                    for name, config in VARIANTS.items() if (out / name / "model_index.json").is_file()}
         description = describe(build_dataset(seed, data_size), out, checkpoints, "classifier", seed, data_size,
-                               overwrite=overwrite)
+                               overwrite=overwrite, variants=variants)
         if json_out:
             print_json(description)
         else:
             console.print(f"wrote {out / 'testbed.json'}: {len(description['memorized'])} memorized captions, "
-                          f"checkpoints {', '.join(checkpoints) or 'none yet'}")
+                          f"checkpoints {', '.join([*checkpoints, *variants]) or 'none yet'}")
 
 
 def _fractions(text: str) -> tuple[float, ...]:

@@ -27,8 +27,9 @@ while ordinary captions are followed as often (78 % at 5, 81 % at 3)."""
 
 
 def describe(data: TestbedData, folder: Path, checkpoints: dict[str, str], classifier: str, seed: int,
-             size: int, overwrite: bool = False) -> dict[str, Any]:
-    """Write `folder/testbed.json` and `folder/memorized/*.png`; return the JSON."""
+             size: int, overwrite: bool = False, variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write `folder/testbed.json` and `folder/memorized/*.png`; return the JSON. `checkpoints` maps each
+    family to its default checkpoint's folder; `variants` describes other checkpoints, by folder."""
     check_writable(folder / "testbed.json", overwrite=overwrite)
     (folder / "memorized").mkdir(parents=True, exist_ok=True)
     memorized = []
@@ -47,6 +48,7 @@ def describe(data: TestbedData, folder: Path, checkpoints: dict[str, str], class
         "format": TESTBED_FORMAT,
         "generation": GENERATION,
         "checkpoints": checkpoints,
+        "variants": variants or {},
         "classifier": classifier,
         "data": {"seed": seed, "size": size, "fingerprint": data.fingerprint(),
                  "regenerate": f"workbench.testbed.dataset.build_dataset(seed={seed}, size={size})"},

@@ -24,9 +24,9 @@ LATENT_SIZE = 16
 LATENT_CHANNELS = 4
 TEXT_TOKENS = 32  # captions are short; the pipelines pad text to this length
 FAMILIES = ("unet", "dit", "mmdit")
-DDIM_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                     set_alpha_to_one=False, steps_offset=1, rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                     prediction_type="v_prediction")
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+DDIM_SCHEDULE = dict(_SD_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction")
 """The noise schedule of both DDPM-type families (U-Net and PixArt): SD's scaled_linear betas rescaled to
 zero terminal SNR, trailing timesteps and v-prediction (Lin et al. 2024, "Common diffusion noise schedules
 and sample steps are flawed", Alg. 1 and §3.2–3.3; Salimans & Ho 2022 for v). Why, measured on the U-Net:
@@ -35,6 +35,13 @@ with plain scaled_linear and ε-prediction, √ᾱ ≈ 0.085 of the image surviv
 captions came back at a mean replication SSIM of 0.67 (6,000 steps); DDPM's linear schedule (PixArt's own)
 was worse (0.28, stripe artefacts: ε errors divided by √ᾱ ≈ 0.009 in the first DDIM steps). With zero
 terminal SNR the first step sees pure noise, so the caption alone decides the image's layout and colours."""
+
+EPSILON_SCHEDULE = dict(_SD_BETAS, prediction_type="epsilon")
+"""SD 1.x's own objective (ε-prediction on scaled_linear betas, non-zero terminal SNR): the setting NeMo's
+noise-consistency score assumes (Hintersdorf et al. 2024 §3). On its own it tints generations by the
+seed (above); trained with offset noise (`BuildConfig.offset_noise`) the U-Net reproduces most memorized
+photos and NeMo's search can confirm a removal (README, Localization)."""
+OBJECTIVES = {"v-zero-snr": DDIM_SCHEDULE, "epsilon": EPSILON_SCHEDULE}
 
 
 def build_vae(seed: int) -> AutoencoderKL:
@@ -54,19 +61,20 @@ def _clip_text(tokenizer: CLIPTokenizer, hidden: int, with_projection: bool, lay
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusionPipeline:
+def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL,
+                 schedule: dict[str, Any]) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
         block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=32)
-    scheduler = DDIMScheduler(**DDIM_SCHEDULE)
+    scheduler = DDIMScheduler(**schedule)
     return StableDiffusionPipeline(vae=vae, text_encoder=_clip_text(tokenizer, 64, False), tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
-def _pixart_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> PixArtAlphaPipeline:
+def _pixart_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL, schedule: dict[str, Any]) -> PixArtAlphaPipeline:
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                            num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
@@ -75,7 +83,7 @@ def _pixart_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> PixArtAlph
         num_layers=8, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6)
-    scheduler = DDIMScheduler(**DDIM_SCHEDULE)
+    scheduler = DDIMScheduler(**schedule)
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)
 
@@ -93,8 +101,10 @@ def _zero_t5(tokenizer: CLIPTokenizer, hidden: int) -> T5EncoderModel:
     return encoder.requires_grad_(False)
 
 
-def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
-    """Two three-layer 64-d CLIPs and eight joint blocks. SD3's pipeline feeds the joint attention each
+def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL,
+                  schedule: dict[str, Any]) -> StableDiffusion3Pipeline:
+    """The flow-matching family (`schedule` is unused: `check_objective` admits only the default). Two
+    three-layer 64-d CLIPs and eight joint blocks. SD3's pipeline feeds the joint attention each
     CLIP's penultimate hidden state, so the two-layer 32-d CLIPs and six blocks shipped before gave it one
     causal layer of 32-d tokens, and that MMDiT followed 73 % of ordinary captions (testbed bar 80 %);
     this one follows 83 % (README, Testbed)."""
@@ -109,15 +119,27 @@ def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusi
                                     tokenizer_3=tokenizer)
 
 
-_BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL], Any]] = {
+_BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL, dict[str, Any]], Any]] = {
     "unet": _sd_pipeline, "dit": _pixart_pipeline, "mmdit": _sd3_pipeline}
 
 
-def build_pipeline(family: str, tokenizer: CLIPTokenizer, vae: AutoencoderKL, seed: int) -> Any:
-    """A fresh (randomly initialised) testbed pipeline of `family` around a trained VAE."""
+def check_objective(family: str, objective: str) -> str:
+    """`objective` names a DDPM-type schedule (`OBJECTIVES`); the flow-matching family has only its own."""
+    if objective not in OBJECTIVES:
+        raise WorkbenchError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if family == "mmdit" and objective != "v-zero-snr":
+        raise WorkbenchError("the mmdit trains by rectified flow only; leave --objective at v-zero-snr")
+    return objective
+
+
+def build_pipeline(family: str, tokenizer: CLIPTokenizer, vae: AutoencoderKL, seed: int,
+                   objective: str = "v-zero-snr") -> Any:
+    """A fresh (randomly initialised) testbed pipeline of `family` around a trained VAE; `objective` picks
+    the noise schedule and prediction target of the DDPM-type families (U-Net, DiT)."""
     if family not in _BUILDERS:
         raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
+    schedule = OBJECTIVES[check_objective(family, objective)]
     torch.manual_seed(seed)
-    pipe = _BUILDERS[family](tokenizer, vae)
+    pipe = _BUILDERS[family](tokenizer, vae, schedule)
     pipe.set_progress_bar_config(disable=True)
     return pipe

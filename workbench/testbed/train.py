@@ -72,10 +72,28 @@ class DenoiserConfig:
     batch_size: int = 32
     caption_dropout: float = 0.1
     flow_sampling: str = "uniform"  # training timesteps of flow-matching denoisers (`noising.sample_timesteps`)
+    offset_noise: float = 0.0  # std of a per-(image, channel) constant added to the noise (`offset`)
 
     def __post_init__(self) -> None:
         if not 0 <= self.caption_dropout < 1 or self.batch_size < 1:
             raise WorkbenchError("caption_dropout must be in [0, 1) and batch_size at least 1")
+        check_offset_noise(self.offset_noise)
+
+
+def check_offset_noise(std: float) -> float:
+    if not 0 <= std <= 1:
+        raise WorkbenchError(f"offset noise {std} is out of range; give a std in [0, 1] (0.1 is usual)")
+    return std
+
+
+def offset(noise: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023, "Diffusion with offset noise"): ε + std·n with one n ~ N(0, 1) per
+    image and channel, spatially constant, so the model learns that an image's mean colour is noise at the
+    last steps instead of reading it as signal. Draws nothing at std 0 (earlier runs stay bit-identical)."""
+    if std == 0:
+        return noise
+    shift = torch.randn(noise.shape[:2] + (1,) * (noise.ndim - 2), generator=generator).to(noise)
+    return noise + std * shift
 
 
 def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config: DenoiserConfig,
@@ -89,6 +107,7 @@ def denoiser_loss(model: Any, latents: torch.Tensor, captions: list[str], config
     clean = latents[index.to(latents.device)]
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
     timestep = sample_timesteps(pipe.scheduler, config.batch_size, generator, config.flow_sampling).to(clean.device)
+    noise = offset(noise, config.offset_noise, generator)
     noisy, target = noised(pipe.scheduler, clean, noise, timestep)
     cond = model.adapter.encode(pipe, prompts, "", False, model.adapter.max_sequence_length(pipe))
     return F.mse_loss(model.adapter.denoise(model.denoiser, noisy, timestep, cond), target)
