@@ -34,46 +34,52 @@ def test_the_shipped_generation_settings_are_the_ones_the_bars_are_measured_with
     assert EvalConfig().wen.guidance_scale == GENERATION["guidance"]  # Wen samples as the model is sampled
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_shipped_folder_is_a_small_plain_diffusers_pipeline(family):
-    folder = CHECKPOINTS / TESTBED["checkpoints"][family]
+def _build(folder: str) -> tuple[str, str]:
+    """(family, objective) of a shipped folder: a family's default, or a variant's (testbed.json)."""
+    if folder in TESTBED["checkpoints"]:
+        return folder, "v-zero-snr"
+    variant = TESTBED["variants"][folder]
+    return variant["family"], variant["objective"]
+
+
+SHIPPED = FAMILIES + sorted(TESTBED.get("variants", {}))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_folder_is_a_small_plain_diffusers_pipeline(name):
+    folder = CHECKPOINTS / TESTBED["checkpoints"].get(name, name)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 15 * 2**20, f"{folder} is {size / 2**20:.1f} MB"
     assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    assert type(pipe).__name__ == PIPELINES[family]
+    assert type(pipe).__name__ == PIPELINES[_build(name)[0]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_training_command_builds_the_shipped_architecture(family):
-    """`workbench testbed train <family>` reproduces the shipped folder only if it builds the same model."""
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_training_command_builds_the_shipped_architecture(name):
+    """`workbench testbed train <family>` (with a variant's options) reproduces the shipped folder only if
+    it builds the same model."""
     from workbench.testbed.build import run_settings, settings_tag
     from workbench.testbed.captions import VOCABULARY
     from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
     from workbench.testing import build_clip_tokenizer
 
-    shipped = DiffusionPipeline.from_pretrained(CHECKPOINTS / TESTBED["checkpoints"][family], local_files_only=True)
-    built = build_pipeline(family, build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS), build_vae(0), 0)
+    family, objective = _build(name)
+    shipped = DiffusionPipeline.from_pretrained(CHECKPOINTS / TESTBED["checkpoints"].get(name, name),
+                                                local_files_only=True)
+    built = build_pipeline(family, build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS), build_vae(0), 0,
+                           objective)
     assert set(run_settings(built)) == set(run_settings(shipped))
     assert settings_tag(**run_settings(built)) == settings_tag(**run_settings(shipped))
 
 
 @pytest.mark.parametrize("name", sorted(TESTBED.get("variants", {})))
-def test_shipped_variants_are_small_plain_folders_built_by_their_training_command(name):
-    from workbench.testbed.build import VARIANTS, run_settings, settings_tag, train_command
-    from workbench.testbed.captions import VOCABULARY
-    from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
-    from workbench.testing import build_clip_tokenizer
+def test_testbed_json_names_each_variants_training_command(name):
+    from workbench.testbed.build import variant_record
 
-    folder, config = CHECKPOINTS / name, VARIANTS[name]
-    assert TESTBED["variants"][name]["train"] == train_command(name, config)
-    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 15 * 2**20
-    assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    shipped = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    assert type(shipped).__name__ == PIPELINES[config.family]
-    built = build_pipeline(config.family, build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS), build_vae(0),
-                           0, config.objective)
-    assert settings_tag(**run_settings(built)) == settings_tag(**run_settings(shipped))
+    assert TESTBED["variants"][name] == variant_record(name)
+    assert variant_record("unet-eps")["train"] == ("workbench testbed train unet --objective epsilon "
+                                                   "--offset-noise 0.1 --out checkpoints/unet-eps")
 
 
 def test_the_mmdit_t5_stand_in_gives_the_pipelines_own_no_t5_embeddings():

@@ -58,11 +58,14 @@ VARIANTS: dict[str, BuildConfig] = {"unet-eps": BuildConfig("unet", objective="e
 ε-objective and offset noise, the setting NeMo's noise-consistency score assumes (README, Localization)."""
 
 
-def train_command(name: str, config: BuildConfig) -> str:
-    """The `workbench testbed train` command that builds `config` into `checkpoints/<name>`."""
-    options = [f"--{field.replace('_', '-')} {getattr(config, field)}" for field in ("objective", "offset_noise")
-               if getattr(config, field) != getattr(BuildConfig(config.family), field)]
-    return " ".join(["workbench testbed train", config.family, *options, f"--out checkpoints/{name}"])
+def variant_record(name: str) -> dict[str, Any]:
+    """testbed.json's entry for the variant `name`: what it changes and the command that trains it."""
+    config = VARIANTS[name]
+    changed = {field: getattr(config, field) for field in ("objective", "offset_noise")}
+    options = [f"--{field.replace('_', '-')} {value}" for field, value in changed.items()
+               if value != getattr(BuildConfig(config.family), field)]
+    command = " ".join(["workbench testbed train", config.family, *options, f"--out checkpoints/{name}"])
+    return {"family": config.family, **changed, "train": command}
 
 
 def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: bool = True,

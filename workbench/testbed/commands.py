@@ -126,15 +126,13 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
                      json_out: JsonOpt = False) -> None:
     """Write testbed.json (ground truth) and the memorized training images beside the checkpoints."""
     with user_errors():
-        from workbench.testbed.build import VARIANTS, train_command
+        from workbench.testbed.build import VARIANTS, variant_record
         from workbench.testbed.dataset import build_dataset
         from workbench.testbed.describe import describe
         from workbench.testbed.models import FAMILIES
 
         checkpoints = {family: family for family in FAMILIES if (out / family / "model_index.json").is_file()}
-        variants = {name: {"family": config.family, "objective": config.objective,
-                           "offset_noise": config.offset_noise, "train": train_command(name, config)}
-                    for name, config in VARIANTS.items() if (out / name / "model_index.json").is_file()}
+        variants = {name: variant_record(name) for name in VARIANTS if (out / name / "model_index.json").is_file()}
         description = describe(build_dataset(seed, data_size), out, checkpoints, "classifier", seed, data_size,
                                overwrite=overwrite, variants=variants)
         if json_out:

@@ -81,6 +81,7 @@ class DenoiserConfig:
 
 
 def check_offset_noise(std: float) -> float:
+    """`std` of `offset`, in [0, 1]."""
     if not 0 <= std <= 1:
         raise WorkbenchError(f"offset noise {std} is out of range; give a std in [0, 1] (0.1 is usual)")
     return std
