@@ -17,7 +17,8 @@ shared/research/localization.md §1.2–1.4). The search scores a blocked set as
 (each memorized seed's δ against its un-blocked δ) against a threshold calibrated on the cross-seed
 score; `search_score="consistency"` (our option) searches against that cross-seed score itself.
 Sites: the official seven SD 1.x sites (value projections of the first transformer block of each down
-and mid attention) or every value site (`all_value`); PixArt
+and mid attention), every value site (`all_value`), or the value sites of named blocks ("down.1,up.0",
+e.g. the blocks `localization.ablation` ranks first; ours); PixArt
 uses every cross-attention value site and zeroes its bias with the output; MMDiT uses the text-stream
 value projections `add_v_proj` — both are our extensions beyond the paper, which studies SD 1.x only.
 
@@ -67,8 +68,9 @@ class NemoLocalizationConfig:
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
     def __post_init__(self) -> None:
-        if self.sites not in SITE_CHOICES:
-            raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use one of {', '.join(SITE_CHOICES)}")
+        if self.sites not in SITE_CHOICES and not all(site_blocks(self.sites)):
+            raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use {', '.join(SITE_CHOICES)} "
+                                 "or comma-separated block names such as down.1,up.0")
         if self.top_k_on not in ("z", "raw") or self.token_mean not in ("signed", "abs"):
             raise WorkbenchError("top_k_on must be 'z' or 'raw' and token_mean 'signed' or 'abs'")
         if self.search_score not in SEARCH_SCORES:
@@ -82,12 +84,24 @@ class NemoLocalizationConfig:
             object.__setattr__(self, "detection", replace(self.detection, legacy=True))
 
 
+def site_blocks(which: str) -> list[str]:
+    """The block names of a comma-separated site choice ("down.1, up.0" -> ["down.1", "up.0"])."""
+    return [block.strip() for block in which.split(",")]
+
+
 def nemo_sites(model: Model, which: str = "official") -> list[Site]:
-    """The value sites NeMo searches, in execution order."""
-    if model.family == "mmdit":
-        return model.graph.select(roles=[Role.CONTEXT_VALUE])
-    values = model.graph.select(roles=[Role.CROSS_ATTN_VALUE])
-    if which == "official" and model.family == "unet":
+    """The value sites NeMo searches, in execution order: `official`, `all_value` or named blocks."""
+    role = Role.CONTEXT_VALUE if model.family == "mmdit" else Role.CROSS_ATTN_VALUE
+    values = model.graph.select(roles=[role])
+    if which not in SITE_CHOICES:
+        blocks = site_blocks(which)
+        known = sorted({s.block for s in values})
+        unknown = [block for block in blocks if block not in known]
+        if unknown:
+            raise WorkbenchError(f"the {model.family} denoiser has no value site in block {unknown[0]!r}; "
+                                 f"blocks with value sites: {', '.join(known)}")
+        values = [s for s in values if s.block in blocks]
+    elif which == "official" and model.family == "unet":
         values = [s for s in values if (s.block.startswith("down") or s.block == "mid")
                   and ".transformer_blocks.0." in s.path]
     if not values:

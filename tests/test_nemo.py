@@ -140,6 +140,17 @@ def test_official_sites_are_the_first_block_values_of_down_and_mid(unet_model):
     assert len(nemo_sites(unet_model, "all_value")) > len(sites)
 
 
+def test_named_blocks_select_their_value_sites_in_execution_order(unet_model):
+    every = nemo_sites(unet_model, "all_value")
+    blocks = sorted({s.block for s in every})
+    first, last = blocks[0], blocks[-1]
+    chosen = nemo_sites(unet_model, f"{last}, {first}")
+    assert chosen == [s for s in every if s.block in (first, last)]
+    assert {s.block for s in chosen} == {first, last}
+    with pytest.raises(WorkbenchError, match="no value site in block 'down.9'.*blocks with value sites"):
+        nemo_sites(unet_model, "down.9")
+
+
 def test_value_activations_equal_the_outputs_inside_a_denoiser_forward(tiny_model):
     from localization.detection import first_timesteps, initial_latents
     from workbench.intervene import record

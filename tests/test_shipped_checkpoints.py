@@ -1,6 +1,7 @@
 """The checkpoints the project ships: plain diffusers folders whose memorization is real and known."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from diffusers import DiffusionPipeline
 
 import workbench
 from localization.detection import NemoConfig, nemo_scores, ssim_matrix
+from workbench.errors import WorkbenchError
 from workbench.sampling import generate
 from workbench.testbed.classifier import load_classifier
 from workbench.testbed.private import private_images
@@ -139,6 +141,8 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     assert caption["nemo"]["ssim_mean"] < caption["none"]["ssim_mean"]
     assert set(report["summary"]["passes"]) == {"removes_memorization", "random_does_not", "ordinary_unchanged"}
     assert 0 < caption["ordinary_ssim_to_unablated_mean"] == report["summary"]["ordinary_ssim_to_unablated_mean"] <= 1
+    assert (0 < caption["random_ordinary_ssim_to_unablated_mean"]
+            == report["summary"]["random_ordinary_ssim_to_unablated_mean"] <= 1)
     assert 0 < report["summary"]["ordinary_ssim_with_union_off_mean"] <= 1 + 1e-6
 
 
@@ -177,3 +181,23 @@ def test_mask_report_compares_the_mask_with_a_random_one_of_equal_density():
     assert all(0 < v <= 1 + 1e-6 for v in summary["ordinary_ssim_to_unedited"].values())
     (caption,) = report["captions"]
     assert set(caption) == {"caption", "none", "wanda", "random"}
+    assert report["base_prompts"] is None  # ConceptPrune's "" per caption
+
+    ordinary = replace(config, wanda_base="ordinary")
+    based = mask_report(model, "wanda", TESTBED["holdout_prompts"], ordinary,
+                        WandaConfig(calls=2, steps=4, skill_ratio=0.2))
+    assert based["base_prompts"] == TESTBED["holdout_prompts"][6:7]  # after 4 threshold and 2 ordinary captions
+    assert based["summary"]["weights"] != summary["weights"]
+
+
+def test_report_config_takes_wandas_base_after_the_threshold_and_ordinary_captions():
+    from workbench.testbed.localization_report import ReportConfig
+
+    prompts = [f"caption {i}" for i in range(10)]
+    config = ReportConfig(holdout=4, ordinary=2, wanda_base="ordinary")
+    assert config.base_prompts(prompts, 3) == prompts[6:9]
+    assert ReportConfig(holdout=4, ordinary=2).base_prompts(prompts, 3) is None
+    with pytest.raises(WorkbenchError, match="needs 11 held-out captions, testbed.json has 10"):
+        config.base_prompts(prompts, 5)
+    with pytest.raises(WorkbenchError, match="unknown Wanda base 'coco'"):
+        ReportConfig(wanda_base="coco")

@@ -64,7 +64,8 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
          threshold: Annotated[Optional[float], typer.Option(
              help="Memorization threshold of the noise-consistency score (default: mean + 1 std on --holdout).")]
          = None,
-         sites: Annotated[str, typer.Option(help="official (SD 1.x's seven down/mid value sites) or all_value.")]
+         sites: Annotated[str, typer.Option(help="official (SD 1.x's seven down/mid value sites), all_value, "
+                                                   "or comma-separated blocks (down.1,up.0).")]
          = "official",
          legacy: Annotated[bool, typer.Option(help="The reference code's behaviour: timesteps[1], top-k on raw "
                                                    "activations, absolute token mean.")] = False,

@@ -162,7 +162,8 @@ def testbed_localize(model: ModelArg,
                                                                "dose (NeMo's top-|z| fractions against random).")]
                      = "nemo,wanda,salun,ablation",
                      seeds: Annotated[int, typer.Option(help="Generations per caption.")] = 8,
-                     sites: Annotated[str, typer.Option(help="NeMo's sites: official or all_value.")] = "official",
+                     sites: Annotated[str, typer.Option(help="NeMo's sites: official, all_value or blocks "
+                                                                "(down.1,up.0).")] = "official",
                      legacy: Annotated[bool, typer.Option(help="NeMo as its reference code: timesteps[1], top-k on "
                                                                "raw activations, absolute token mean.")] = False,
                      search_score: Annotated[str, typer.Option(help="NeMo's search score: reference or "
@@ -175,6 +176,9 @@ def testbed_localize(model: ModelArg,
                               "(default: 10, 25 and 50 %).")] = None,
                      wanda_skill_ratio: Annotated[Optional[float], typer.Option(
                          help="ConceptPrune's per-row fraction (default: the method's, 0.01).")] = None,
+                     wanda_base: Annotated[str, typer.Option(
+                         help="Wanda's base prompts: empty (\"\" per caption, ConceptPrune's memorization default) "
+                              "or ordinary (held-out captions).")] = "empty",
                      salun_fraction: Annotated[Optional[float], typer.Option(
                          help="SalUn's share of salient weights (default: the method's, 0.5).")] = None,
                      salun_roles: Annotated[Optional[str], typer.Option(
@@ -193,7 +197,7 @@ def testbed_localize(model: ModelArg,
 
         nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score,
                                       detection=NemoConfig(steps=nemo_steps))
-        report_config = ReportConfig(seeds=seeds)
+        report_config = ReportConfig(seeds=seeds, wanda_base=wanda_base)
         description = read_json(testbed, "testbed description")
         holdout = check_holdout(description.get("holdout_prompts") if isinstance(description, dict) else None,
                                 report_config)

@@ -4,10 +4,11 @@
   them switched off (a) the noise-consistency score against the calibrated threshold and (b) the
   replication SSIM of generations to the training image; the same for a random set with the same
   per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
-  their un-ablated generations, same seeds, over all sets) and with the union of all sets off (the
-  edit one would ship for all captions at once), and compared with their un-ablated generations.
+  their un-ablated generations, same seeds, over all sets), with each random control off, and with the
+  union of all sets off (the edit one would ship for all captions at once).
 - **Wanda / SalUn**: one mask for all verbatim captions at the method's defaults, applied as zeroed
-  weights; the same measurements against a random mask of equal density per site.
+  weights; the same measurements against a random mask of equal density per site. Wanda's base prompts
+  are "" by default, or ordinary held-out captions (`ReportConfig.wanda_base`).
 - **Layer ablation**: the ranking of cross-attention layers and the attention-entropy difference
   between memorized and ordinary captions.
 - **Dose-response** (a diagnostic of ours, not a method): the top fraction of each caption's value
@@ -38,6 +39,9 @@ from workbench.testbed.describe import GENERATION
 from workbench.testbed.private import private_images
 
 
+WANDA_BASES = ("empty", "ordinary")
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     seeds: int = 8  # generations per caption
@@ -47,10 +51,25 @@ class ReportConfig:
     guidance_scale: float = GENERATION["guidance"]
     control_seed: int = 1
     captions: tuple[str, ...] | None = None  # verbatim captions to check (None = all fourteen)
+    # Wanda's base prompts: "" per caption (ConceptPrune's memorize_*), or `ordinary`: as many held-out
+    # captions, taken after the threshold and side-effect ones (its coco_memorize_*, with COCO captions)
+    wanda_base: str = "empty"
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.holdout < 2 or self.ordinary < 1:
             raise WorkbenchError("the localization report needs seeds >= 1, holdout >= 2 and ordinary >= 1")
+        if self.wanda_base not in WANDA_BASES:
+            raise WorkbenchError(f"unknown Wanda base {self.wanda_base!r}; use {' or '.join(WANDA_BASES)}")
+
+    def base_prompts(self, holdout_prompts: list[str], captions: int) -> list[str] | None:
+        """Wanda's base prompts for `captions` verbatim captions (None: ConceptPrune's "" per caption)."""
+        if self.wanda_base == "empty":
+            return None
+        start = self.holdout + self.ordinary
+        if len(holdout_prompts) < start + captions:
+            raise WorkbenchError(f"--wanda-base ordinary needs {start + captions} held-out captions, "
+                                 f"testbed.json has {len(holdout_prompts)}; use --wanda-base empty")
+        return holdout_prompts[start:start + captions]
 
 
 def check_holdout(prompts: Any, config: ReportConfig) -> list[str]:
@@ -113,11 +132,12 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     located = localize(model, "nemo", [p.caption for p in photos], config=nemo,
                        holdout=holdout_prompts[:config.holdout], advance=advance)
     threshold = located.provenance["threshold"]
-    rows = []
+    rows, controls = [], []
     for photo, result, neurons in zip(photos, located.results, located.per_prompt()):
         advance(f"checking {photo.caption}")
         own = images_to_unit(photo.image[None])
         control = random_like(neurons, model.graph, config.control_seed)
+        controls.append(control)
         entry = {"caption": photo.caption, "memorized": result["memorized"], "neurons": len(neurons),
                  "per_site": {site: len(indices) for site, indices in neurons.items()},
                  "score_before": result["detection_score"]}
@@ -132,14 +152,19 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     advance("ordinary captions")
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
     edits = {"union": lambda: ablate(model, union)}
-    edits.update({row["caption"]: (lambda neurons=neurons: ablate(model, neurons))
-                  for row, neurons in zip(rows, located.per_prompt()) if len(neurons)})
+    for row, neurons, control in zip(rows, located.per_prompt(), controls):
+        if len(neurons):
+            edits[row["caption"]] = lambda neurons=neurons: ablate(model, neurons)
+            edits["random: " + row["caption"]] = lambda control=control: ablate(model, control)
     changes = _ordinary_change(model, ordinary, config, edits)
     unchanged = changes.pop("union")
     for row in rows:
-        change = changes.get(row["caption"])
-        row["ordinary_ssim_to_unablated_mean"] = float(change.mean()) if change is not None else None
+        for key, name in (("ordinary_ssim_to_unablated_mean", row["caption"]),
+                          ("random_ordinary_ssim_to_unablated_mean", "random: " + row["caption"])):
+            change = changes.get(name)
+            row[key] = float(change.mean()) if change is not None else None
     own_set = [row["ordinary_ssim_to_unablated_mean"] for row in rows if row["caption"] in changes]
+    random_set = [row["random_ordinary_ssim_to_unablated_mean"] for row in rows if row["caption"] in changes]
     per_site = Counter()
     for site, _ in union:
         per_site[site] += 1
@@ -149,6 +174,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
         "random_removed": float(np.mean([r["random_removed"] for r in rows])),
         "neurons_per_caption": [r["neurons"] for r in rows], "union_per_site": dict(per_site),
         "ordinary_ssim_to_unablated_mean": float(np.mean(own_set)) if own_set else None,
+        "random_ordinary_ssim_to_unablated_mean": float(np.mean(random_set)) if random_set else None,
         "ordinary_ssim_with_union_off_mean": float(unchanged.mean()),
     }
     summary["passes"] = {"removes_memorization": summary["removed"] >= 0.8,
@@ -167,7 +193,8 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
     photos = _verbatim(config)
     captions = [p.caption for p in photos]
     images = images_to_unit(np.stack([p.image for p in photos])) if method == "salun" else None
-    located = localize(model, method, captions, config=method_config, images=images, advance=advance)
+    base = config.base_prompts(holdout_prompts, len(captions)) if method == "wanda" else None
+    located = localize(model, method, captions, config=method_config, images=images, holdout=base, advance=advance)
     mask, control = located.mask, random_mask_like(located.mask, config.control_seed)
     threshold = _calibrated_threshold(model, holdout_prompts, config, nemo)
     rows = []
@@ -188,7 +215,7 @@ def mask_report(model: Model, method: str, holdout_prompts: list[str], config: R
                **{f"{name}_ssim_mean": mean(name, "ssim_mean") for name in ("none", method, "random")},
                **{f"{name}_under_threshold": mean(name, "under_threshold") for name in ("none", method, "random")},
                "ordinary_ssim_to_unedited": unchanged}
-    return {"method": method, "config": located.config, "summary": summary, "captions": rows}
+    return {"method": method, "config": located.config, "base_prompts": base, "summary": summary, "captions": rows}
 
 
 def _top_z(z: dict[str, torch.Tensor], fraction: float) -> NeuronSet:
