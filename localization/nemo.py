@@ -68,6 +68,7 @@ class NemoLocalizationConfig:
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", ",".join(site_blocks(self.sites)))  # " down.1, up.0" -> "down.1,up.0"
         if self.sites not in SITE_CHOICES and not all(site_blocks(self.sites)):
             raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use {', '.join(SITE_CHOICES)} "
                                  "or comma-separated block names such as down.1,up.0")
@@ -95,11 +96,11 @@ def nemo_sites(model: Model, which: str = "official") -> list[Site]:
     values = model.graph.select(roles=[role])
     if which not in SITE_CHOICES:
         blocks = site_blocks(which)
-        known = sorted({s.block for s in values})
+        known = list(dict.fromkeys(s.block for s in values))  # execution order
         unknown = [block for block in blocks if block not in known]
         if unknown:
             raise WorkbenchError(f"the {model.family} denoiser has no value site in block {unknown[0]!r}; "
-                                 f"blocks with value sites: {', '.join(known)}")
+                                 f"use {', '.join(SITE_CHOICES)} or blocks among {', '.join(known)}")
         values = [s for s in values if s.block in blocks]
     elif which == "official" and model.family == "unet":
         values = [s for s in values if (s.block.startswith("down") or s.block == "mid")

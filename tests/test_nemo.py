@@ -147,8 +147,16 @@ def test_named_blocks_select_their_value_sites_in_execution_order(unet_model):
     chosen = nemo_sites(unet_model, f"{last}, {first}")
     assert chosen == [s for s in every if s.block in (first, last)]
     assert {s.block for s in chosen} == {first, last}
-    with pytest.raises(WorkbenchError, match="no value site in block 'down.9'.*blocks with value sites"):
+    with pytest.raises(WorkbenchError, match="no value site in block 'down.9'; use official, all_value or blocks"):
         nemo_sites(unet_model, "down.9")
+    assert NemoLocalizationConfig(sites=f" {first} , {last}").sites == f"{first},{last}"
+
+
+def test_a_named_block_selects_its_value_sites_in_every_family(tiny_model):
+    every = nemo_sites(tiny_model, "all_value")
+    first = every[0].block
+    assert nemo_sites(tiny_model, first) == [s for s in every if s.block == first]
+    assert len(nemo_sites(tiny_model, first)) < len(every)
 
 
 def test_value_activations_equal_the_outputs_inside_a_denoiser_forward(tiny_model):

@@ -142,7 +142,7 @@ def test_nemo_report_on_the_shipped_unet_switches_memorization_off():
     assert set(report["summary"]["passes"]) == {"removes_memorization", "random_does_not", "ordinary_unchanged"}
     assert 0 < caption["ordinary_ssim_to_unablated_mean"] == report["summary"]["ordinary_ssim_to_unablated_mean"] <= 1
     assert (0 < caption["random_ordinary_ssim_to_unablated_mean"]
-            == report["summary"]["random_ordinary_ssim_to_unablated_mean"] <= 1)
+            == report["summary"]["random_ordinary_ssim_to_unablated_mean"] <= 1 + 1e-6)
     assert 0 < report["summary"]["ordinary_ssim_with_union_off_mean"] <= 1 + 1e-6
 
 
@@ -197,7 +197,7 @@ def test_report_config_takes_wandas_base_after_the_threshold_and_ordinary_captio
     config = ReportConfig(holdout=4, ordinary=2, wanda_base="ordinary")
     assert config.base_prompts(prompts, 3) == prompts[6:9]
     assert ReportConfig(holdout=4, ordinary=2).base_prompts(prompts, 3) is None
-    with pytest.raises(WorkbenchError, match="needs 11 held-out captions, testbed.json has 10"):
+    with pytest.raises(WorkbenchError, match="needs 11 held-out captions.*or use --wanda-base empty"):
         config.base_prompts(prompts, 5)
     with pytest.raises(WorkbenchError, match="unknown Wanda base 'coco'"):
         ReportConfig(wanda_base="coco")

@@ -6,8 +6,8 @@
   per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
   their un-ablated generations, same seeds, over all sets), with each random control off, and with the
   union of all sets off (the edit one would ship for all captions at once).
-- **Wanda / SalUn**: one mask for all verbatim captions at the method's defaults, applied as zeroed
-  weights; the same measurements against a random mask of equal density per site. Wanda's base prompts
+- **Wanda / SalUn**: one mask for all verbatim captions (the method's defaults unless configured), applied
+  as zeroed weights; the same measurements against a random mask of equal density per site. Wanda's base prompts
   are "" by default, or ordinary held-out captions (`ReportConfig.wanda_base`).
 - **Layer ablation**: the ranking of cross-attention layers and the attention-entropy difference
   between memorized and ordinary captions.
@@ -27,7 +27,7 @@ import torch
 from localization.aggregate import random_like, random_mask_like
 from localization.detection import calibrate_threshold, nemo_scores, ssim_matrix
 from localization.localize import localize
-from localization.nemo import NemoLocalizationConfig, holdout_statistics, prompt_z_scores
+from localization.nemo import NemoLocalizationConfig, holdout_statistics, nemo_sites, prompt_z_scores
 from localization.salun import top_fraction
 from workbench.errors import WorkbenchError
 from workbench.intervene import ablate, mask_weights
@@ -66,18 +66,17 @@ class ReportConfig:
         if self.wanda_base == "empty":
             return None
         start = self.holdout + self.ordinary
-        if len(holdout_prompts) < start + captions:
-            raise WorkbenchError(f"--wanda-base ordinary needs {start + captions} held-out captions, "
-                                 f"testbed.json has {len(holdout_prompts)}; use --wanda-base empty")
-        return holdout_prompts[start:start + captions]
+        return check_holdout(holdout_prompts, self, captions)[start:start + captions]
 
 
-def check_holdout(prompts: Any, config: ReportConfig) -> list[str]:
-    """The held-out captions, if there are enough for NeMo's statistics and the side-effect check."""
-    need = config.holdout + config.ordinary
+def check_holdout(prompts: Any, config: ReportConfig, wanda_captions: int = 0) -> list[str]:
+    """The held-out captions, if there are enough for NeMo's statistics, the side-effect check and (with
+    `wanda_base="ordinary"`) Wanda's base prompts for `wanda_captions` captions."""
+    need = config.holdout + config.ordinary + (wanda_captions if config.wanda_base == "ordinary" else 0)
     if not isinstance(prompts, list) or len(prompts) < need or not all(isinstance(p, str) and p for p in prompts):
+        fix = "; or use --wanda-base empty" if need > config.holdout + config.ordinary else ""
         raise WorkbenchError(f"the report needs {need} held-out captions (testbed.json's holdout_prompts); "
-                             "write testbed.json with `workbench testbed describe`")
+                             f"write testbed.json with `workbench testbed describe`{fix}")
     return prompts
 
 
@@ -189,7 +188,8 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
 def mask_report(model: Model, method: str, holdout_prompts: list[str], config: ReportConfig = ReportConfig(),
                 method_config: Any = None, nemo: NemoLocalizationConfig = NemoLocalizationConfig(),
                 advance: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """Wanda or SalUn at defaults: one mask for every verbatim caption, zeroed; against a random mask."""
+    """Wanda or SalUn (defaults unless `method_config`): one mask for every verbatim caption, zeroed; against a
+    random mask of equal density per site."""
     photos = _verbatim(config)
     captions = [p.caption for p in photos]
     images = images_to_unit(np.stack([p.image for p in photos])) if method == "salun" else None
@@ -305,7 +305,9 @@ def localization_report(model: Model, holdout_prompts: list[str], methods: tuple
     NeMo's search, the score every section reports and the dose-response's sites; `mask_configs` maps
     wanda / salun to a config other than the method's defaults."""
     check_methods(methods)
-    check_holdout(holdout_prompts, config)
+    check_holdout(holdout_prompts, config, len(_verbatim(config)) if "wanda" in methods else 0)
+    if {"nemo", "dose"} & set(methods):
+        nemo_sites(model, nemo.sites)  # a wrong block name fails before any section runs
     report: dict[str, Any] = {"config": asdict(config), "nemo_config": asdict(nemo)}
     for method in methods:
         if method == "nemo":
