@@ -223,7 +223,9 @@ def test_localize_prompt_returns_a_refined_subset(unet_model):
 
 def test_bad_nemo_settings_fail_in_one_line(unet_model):
     with pytest.raises(WorkbenchError, match="site set"):
-        NemoLocalizationConfig(sites="keys")
+        NemoLocalizationConfig(sites="down.1,")
+    with pytest.raises(WorkbenchError, match="no value site in block 'keys'"):
+        nemo_sites(unet_model, NemoLocalizationConfig(sites="keys").sites)
     with pytest.raises(WorkbenchError, match="need prompts"):
         holdout_statistics(unet_model, [])
     from localization.localize import localize
