@@ -68,8 +68,9 @@ class NemoLocalizationConfig:
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", ",".join(site_blocks(self.sites)))  # " down.1, up.0" -> "down.1,up.0"
-        if self.sites not in SITE_CHOICES and not all(site_blocks(self.sites)):
+        blocks = site_blocks(self.sites)
+        object.__setattr__(self, "sites", ",".join(blocks))  # " down.1, up.0" -> "down.1,up.0"
+        if self.sites not in SITE_CHOICES and not all(blocks):
             raise WorkbenchError(f"unknown NeMo site set {self.sites!r}; use {', '.join(SITE_CHOICES)} "
                                  "or comma-separated block names such as down.1,up.0")
         if self.top_k_on not in ("z", "raw") or self.token_mean not in ("signed", "abs"):
