@@ -59,6 +59,15 @@ def test_training_on_an_absent_gpu_is_a_one_line_error_before_anything_is_writte
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("widths, message", [("32,64,x", "comma-separated integers"),
+                                             ("32,64,100", "three multiples of 32")])
+def test_bad_unet_channels_are_a_one_line_error_before_anything_is_written(tmp_path, widths, message):
+    result = runner.invoke(app, ["testbed", "train", "unet", "--out", str(tmp_path / "unet"), "--work",
+                                 str(tmp_path / "work"), "--unet-channels", widths, *SMALL])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_classifier_round_trip(tmp_path):
     data = build_dataset(0, 64)
     model = ConceptClassifier()

@@ -11,7 +11,7 @@ from workbench.errors import WorkbenchError
 from workbench.models.loading import load
 from workbench.noising import FLOW_SAMPLINGS, sample_timesteps
 from workbench.testbed.build import BuildConfig, denoiser_state_name
-from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae
+from workbench.testbed.models import TEXT_TOKENS, UNET_CHANNELS, build_pipeline, build_vae
 from workbench.testbed.train import (DenoiserConfig, VAEConfig, denoiser_loss, encode_latents, offset,
                                      train_denoiser, train_vae)
 from workbench.testbed.training import LoopConfig, step_generator
@@ -227,3 +227,20 @@ def test_offset_noise_training_is_deterministic_and_lowers_the_loss(vae_and_late
     assert losses == train_denoiser(second, latents, captions, config, tmp_path / "b", show_progress=False)
     with torch.no_grad():
         assert denoiser_loss(load(first), latents, captions, config, step_generator(99, 0)).item() < 0.8 * before
+
+
+def test_unet_channels_widen_the_value_sites_and_name_their_own_run(vae_and_latents):
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=TEXT_TOKENS)
+    wide = build_pipeline("unet", tokenizer, vae_and_latents[0], 0, unet_channels=(32, 96, 192))
+    values = {name: module.out_features for name, module in wide.unet.named_modules() if name.endswith("attn2.to_v")}
+    assert values["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"] == 96
+    assert values["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == 192
+    shipped = build_pipeline("unet", tokenizer, vae_and_latents[0], 0)
+    assert shipped.unet.config.block_out_channels == UNET_CHANNELS == (32, 64, 128)
+    assert (denoiser_state_name(BuildConfig("unet", unet_channels=(32, 96, 192)), "f" * 64, wide)
+            != denoiser_state_name(BuildConfig("unet"), "f" * 64, shipped))
+    for bad, match in ((dict(family="unet", unet_channels=(32, 96, 190)), "three multiples of 32"),
+                       (dict(family="unet", unet_channels=(32, 64)), "three multiples of 32"),
+                       (dict(family="dit", unet_channels=(32, 96, 192)), "unet family only")):
+        with pytest.raises(WorkbenchError, match=match):
+            BuildConfig(**bad)

@@ -20,7 +20,8 @@ from workbench.models.loading import parse_device
 from workbench.noising import check_flow_sampling
 from workbench.testbed.captions import VOCABULARY
 from workbench.testbed.dataset import build_dataset
-from workbench.testbed.models import TEXT_TOKENS, build_pipeline, build_vae, check_objective
+from workbench.testbed.models import (TEXT_TOKENS, UNET_CHANNELS, build_pipeline, build_vae, check_objective,
+                                      check_unet_channels)
 from workbench.testbed.train import (DenoiserConfig, VAEConfig, check_offset_noise, encode_latents, train_denoiser,
                                      train_vae)
 from workbench.testbed.training import LoopConfig
@@ -43,10 +44,12 @@ class BuildConfig:
     flow_sampling: str = "uniform"  # training timesteps of the flow-matching family (mmdit) only
     objective: str = "v-zero-snr"  # noise schedule and target of the DDPM-type families (`models.OBJECTIVES`)
     offset_noise: float = 0.0  # `train.offset`; 0 as the shipped runs
+    unet_channels: tuple[int, ...] = UNET_CHANNELS  # the U-Net's block_out_channels
 
     def __post_init__(self) -> None:
         check_flow_sampling(self.flow_sampling)
         check_objective(self.family, self.objective)
+        check_unet_channels(self.family, self.unet_channels)
         check_offset_noise(self.offset_noise)
         if self.flow_sampling != "uniform" and self.family != "mmdit":
             raise WorkbenchError(f"--flow-sampling applies to the flow-matching family (mmdit) only, "
@@ -85,7 +88,8 @@ def build_checkpoint(config: BuildConfig, out: Path, work: Path, show_progress: 
     vae_tag = settings_tag(vae=vae.config, batch_size=vae_config.batch_size, kl_weight=vae_config.kl_weight)
     train_vae(vae, data.images, vae_config, work / f"vae-{data.fingerprint()[:12]}-{vae_tag}", show_progress)
     tokenizer = build_clip_tokenizer(VOCABULARY, model_max_length=TEXT_TOKENS)
-    pipe = build_pipeline(config.family, tokenizer, vae, config.seed, config.objective).to(target)
+    pipe = build_pipeline(config.family, tokenizer, vae, config.seed, config.objective,
+                          config.unet_channels).to(target)
     train_denoiser(pipe, encode_latents(vae, data.images), data.captions,
                    DenoiserConfig(LoopConfig(steps=config.steps, lr=config.lr, seed=config.seed,
                                              final_lr_fraction=config.final_lr_fraction),

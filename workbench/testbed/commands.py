@@ -35,6 +35,9 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
                   offset_noise: Annotated[float, typer.Option(
                       help="Std of offset noise (a per-image, per-channel constant added to the noise; "
                            "0: none).")] = 0.0,
+                  unet_channels: Annotated[str, typer.Option(
+                      help="The unet's block widths, comma-separated (three multiples of 32; the last two "
+                           "levels hold its cross-attention).")] = "32,64,128",
                   seed: Annotated[int, typer.Option(help="Seed of data, initialisation and batches.")] = 0,
                   data_size: Annotated[int, typer.Option(help="Training rows (procedural + private).")] = 8192,
                   device: DeviceOpt = "cpu",
@@ -50,7 +53,7 @@ def testbed_train(family: Annotated[str, typer.Argument(help="unet, dit or mmdit
             raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
         config = BuildConfig(family, steps=steps, lr=lr, vae_steps=vae_steps, data_size=data_size, seed=seed,
                              final_lr_fraction=final_lr_fraction, flow_sampling=flow_sampling, objective=objective,
-                             offset_noise=offset_noise)
+                             offset_noise=offset_noise, unet_channels=_widths(unet_channels))
         start = time.perf_counter()
         build_checkpoint(config, out, work, show_progress=not json_out, device=device)
         result = {"out": str(out), "family": family, "seconds": round(time.perf_counter() - start, 1),
@@ -140,6 +143,14 @@ def testbed_describe(out: Annotated[Path, typer.Option(help="Checkpoints folder 
         else:
             console.print(f"wrote {out / 'testbed.json'}: {len(description['memorized'])} memorized captions, "
                           f"checkpoints {', '.join([*checkpoints, *variants]) or 'none yet'}")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """'32, 96,192' -> (32, 96, 192); `check_unet_channels` judges the values."""
+    try:
+        return tuple(int(part) for part in comma_list(text) or ())
+    except ValueError:
+        raise WorkbenchError(f"--unet-channels must be comma-separated integers like 32,64,128 (got {text!r})")
 
 
 def _fractions(text: str) -> tuple[float, ...]:

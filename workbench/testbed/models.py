@@ -8,7 +8,7 @@ word to nearly the same embedding, which would leave the denoiser nothing to fol
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
@@ -24,6 +24,8 @@ LATENT_SIZE = 16
 LATENT_CHANNELS = 4
 TEXT_TOKENS = 32  # captions are short; the pipelines pad text to this length
 FAMILIES = ("unet", "dit", "mmdit")
+UNET_CHANNELS = (32, 64, 128)
+"""The shipped U-Net's `block_out_channels`; the last two levels hold its cross-attention (value) sites."""
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                  set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
 DDIM_SCHEDULE = dict(_SD_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction")
@@ -61,11 +63,21 @@ def _clip_text(tokenizer: CLIPTokenizer, hidden: int, with_projection: bool, lay
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL,
-                 schedule: dict[str, Any]) -> StableDiffusionPipeline:
+def check_unet_channels(family: str, channels: tuple[int, ...]) -> tuple[int, ...]:
+    """Three positive multiples of 32 (the U-Net's group norm), for the U-Net family only."""
+    if len(channels) != 3 or any(width <= 0 or width % 32 for width in channels):
+        raise WorkbenchError(f"unet channels {','.join(map(str, channels))} are not three multiples of 32; "
+                             f"use e.g. {','.join(map(str, UNET_CHANNELS))}")
+    if family != "unet" and tuple(channels) != UNET_CHANNELS:
+        raise WorkbenchError(f"--unet-channels applies to the unet family only, not {family}; leave it out")
+    return tuple(channels)
+
+
+def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL, schedule: dict[str, Any],
+                 channels: tuple[int, ...] = UNET_CHANNELS) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
-        block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=32)
     scheduler = DDIMScheduler(**schedule)
@@ -118,8 +130,6 @@ def _sd3_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL) -> StableDiffusi
                                     tokenizer_3=tokenizer)
 
 
-_DDPM_BUILDERS: dict[str, Callable[[CLIPTokenizer, AutoencoderKL, dict[str, Any]], Any]] = {
-    "unet": _sd_pipeline, "dit": _pixart_pipeline}
 
 
 def check_objective(family: str, objective: str) -> str:
@@ -132,13 +142,20 @@ def check_objective(family: str, objective: str) -> str:
 
 
 def build_pipeline(family: str, tokenizer: CLIPTokenizer, vae: AutoencoderKL, seed: int,
-                   objective: str = "v-zero-snr") -> Any:
+                   objective: str = "v-zero-snr", unet_channels: tuple[int, ...] = UNET_CHANNELS) -> Any:
     """A fresh (randomly initialised) testbed pipeline of `family` around a trained VAE; `objective` picks
-    the noise schedule and prediction target of the DDPM-type families (U-Net, DiT)."""
+    the noise schedule and prediction target of the DDPM-type families (U-Net, DiT), `unet_channels` the
+    U-Net's widths."""
     if family not in FAMILIES:
         raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
     schedule = OBJECTIVES[check_objective(family, objective)]
     torch.manual_seed(seed)
-    pipe = _sd3_pipeline(tokenizer, vae) if family == "mmdit" else _DDPM_BUILDERS[family](tokenizer, vae, schedule)
+    channels = check_unet_channels(family, unet_channels)
+    if family == "mmdit":
+        pipe = _sd3_pipeline(tokenizer, vae)
+    elif family == "dit":
+        pipe = _pixart_pipeline(tokenizer, vae, schedule)
+    else:
+        pipe = _sd_pipeline(tokenizer, vae, schedule, channels)
     pipe.set_progress_bar_config(disable=True)
     return pipe
