@@ -74,7 +74,7 @@ def check_unet_channels(family: str, channels: tuple[int, ...]) -> tuple[int, ..
 
 
 def _sd_pipeline(tokenizer: CLIPTokenizer, vae: AutoencoderKL, schedule: dict[str, Any],
-                 channels: tuple[int, ...] = UNET_CHANNELS) -> StableDiffusionPipeline:
+                 channels: tuple[int, ...]) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
         block_out_channels=channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -149,8 +149,8 @@ def build_pipeline(family: str, tokenizer: CLIPTokenizer, vae: AutoencoderKL, se
     if family not in FAMILIES:
         raise WorkbenchError(f"unknown testbed family {family!r}; use one of {', '.join(FAMILIES)}")
     schedule = OBJECTIVES[check_objective(family, objective)]
-    torch.manual_seed(seed)
     channels = check_unet_channels(family, unet_channels)
+    torch.manual_seed(seed)
     if family == "mmdit":
         pipe = _sd3_pipeline(tokenizer, vae)
     elif family == "dit":
