@@ -16,6 +16,9 @@ the reference code instead (timesteps[1], top-k on raw activations, absolute tok
 shared/research/localization.md §1.2–1.4). The search scores a blocked set as the reference code does
 (each memorized seed's δ against its un-blocked δ) against a threshold calibrated on the cross-seed
 score; `search_score="consistency"` (our option) searches against that cross-seed score itself.
+`image_check` (our option, `localization.nemo_image`) also asks each accepted set to take the prompt's
+generated image away, since a first-step score under the threshold does not mean the later steps
+will not restore it.
 Sites: the official seven SD 1.x sites (value projections of the first transformer block of each down
 and mid attention), every value site (`all_value`), or the value sites of named blocks ("down.1,up.0",
 e.g. the blocks `localization.ablation` ranks first; ours); PixArt
@@ -39,6 +42,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from localization.detection import (NemoConfig, consistency, first_timesteps, initial_latents, minmax_per_channel,
                                     msssim_window, nemo_scores, noise_difference, pairwise_msssim, prediction_at)
+from localization.nemo_image import ImageCheck, ImageCheckedScorer
 from localization.nemo_search import (SelectionSchedule, initial_selection, refine, z_scores)
 from workbench.errors import WorkbenchError
 from workbench.intervene import ablate_per_sample
@@ -64,6 +68,7 @@ class NemoLocalizationConfig:
     legacy: bool = False  # all three reference behaviours, timesteps[1] included
     search_score: str = "reference"  # "consistency": search against the detector's cross-seed score (ours)
     detection: NemoConfig = NemoConfig()
+    image_check: ImageCheck | None = None  # ours: a set must also take the image away (`nemo_image`)
     batch: int = 8  # candidate neuron sets scored per batched forward
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
@@ -253,6 +258,8 @@ class NemoResult:
     refined: NeuronSet
     refined_score: float | None
     forwards: int
+    refined_image_ssim: float | None = None  # with an image check: mean SSIM to the un-blocked generations
+    images_generated: int = 0  # by the image check
 
     @property
     def memorized(self) -> bool:
@@ -265,7 +272,8 @@ class NemoResult:
                             "score": self.initial_score, "success": self.initial_success, "theta": self.theta,
                             "k": self.k},
                 "neurons": self.refined.to_json()["neurons"], "count": len(self.refined),
-                "refined_score": self.refined_score, "denoiser_forwards": self.forwards}
+                "refined_score": self.refined_score, "denoiser_forwards": self.forwards,
+                "refined_image_ssim": self.refined_image_ssim, "images_generated": self.images_generated}
 
 
 def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats], threshold: float,
@@ -278,9 +286,22 @@ def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats],
                           NeuronSet(), None, 1)
     activations, z = prompt_z_scores(model, prompt, holdout, config)
     scorer = MemorizationScorer(model, prompt, seeds, config)
-    initial = initial_selection(activations, z, threshold, scorer, config.schedule, config.top_k_on, config.batch)
-    refine_threshold = threshold if initial.success else initial.score
-    refined, _ = refine(initial.neurons, list(z), refine_threshold, scorer, config.batch)
-    refined_score = scorer([refined])[0]
-    return NemoResult(prompt, detection.score, threshold, seeds, initial.neurons, initial.score, initial.success,
-                      initial.theta, initial.k, refined, refined_score, scorer.forwards + 1)
+    checked = None if config.image_check is None else ImageCheckedScorer(model, prompt, scorer, threshold,
+                                                                         config.image_check, config.rows_per_call)
+    search = checked or scorer
+    initial = initial_selection(activations, z, threshold, search, config.schedule, config.top_k_on, config.batch)
+    refine_threshold = threshold
+    if not initial.success:  # NeMo holds the last configuration's score ...
+        refine_threshold = initial.score if checked is None else scorer([initial.neurons])[0]
+        if checked is not None:  # ... and with a check its image test, if the set passed it
+            checked.gate = refine_threshold
+            search = checked if checked([initial.neurons])[0] <= refine_threshold else scorer
+    refined, _ = refine(initial.neurons, list(z), refine_threshold, search, config.batch)
+    if checked is None:
+        initial_score, refined_score, image_ssim = initial.score, scorer([refined])[0], None
+    else:  # the search read scores with the image offset; report the plain ones
+        initial_score, refined_score = scorer([initial.neurons, refined])
+        image_ssim = checked.image_ssim([refined])[0]
+    return NemoResult(prompt, detection.score, threshold, seeds, initial.neurons, initial_score, initial.success,
+                      initial.theta, initial.k, refined, refined_score, scorer.forwards + 1, image_ssim,
+                      checked.images_generated if checked else 0)

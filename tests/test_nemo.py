@@ -309,3 +309,94 @@ def test_batched_refinement_equals_sequential_on_random_cases(seed):
     for batch in (2, 5, 16):
         assert refine(blocked, sites, 0.5, _needs(required)[0], batch=batch)[0] == sequential
     assert set(sequential) == set(required)  # every unneeded neuron goes, every needed one stays
+
+
+# ---- image check on the stop rule (ours) -------------------------------------------------------------------
+
+
+def test_image_check_offsets_sets_that_keep_the_image_and_generates_only_under_the_threshold(unet_model):
+    from localization.nemo_image import IMAGE_KEPT_OFFSET, ImageCheck, ImageCheckedScorer
+
+    sites = nemo_sites(unet_model, "all_value")
+    everything = NeuronSet({s.path: range(s.out_features) for s in sites})
+    some = NeuronSet({sites[0].path: [0]})
+    probe = ImageCheckedScorer(unet_model, "a red circle", lambda sets: [0.0] * len(sets), 0.5,
+                               ImageCheck(seeds=2, steps=2), rows_per_call=8)
+    unblocked, blocked = probe.image_ssim([NeuronSet(), everything])
+    assert unblocked == pytest.approx(1.0) and blocked < 0.999  # the reference is the un-blocked generation
+    base = {0: 0.1, len(everything): 0.2, 1: 0.9}  # by set size: empty, everything, one neuron
+    check = ImageCheck(max_ssim=(1 + blocked) / 2, seeds=2, steps=2)
+    scorer = ImageCheckedScorer(unet_model, "a red circle", lambda sets: [base[len(s)] for s in sets], 0.5, check,
+                                rows_per_call=8)
+    assert scorer([NeuronSet(), everything, some]) == pytest.approx([0.1 + IMAGE_KEPT_OFFSET, 0.2,
+                                                                      0.9 + IMAGE_KEPT_OFFSET])
+    assert scorer.images_generated == 2 + 2 * 2  # the reference, then only the two sets under the threshold
+    with pytest.raises(WorkbenchError, match="SSIM bound"):
+        ImageCheck(max_ssim=1.5)
+
+
+def test_refinement_with_an_image_check_keeps_what_the_image_needs(unet_model):
+    from localization.nemo_image import ImageCheck, ImageCheckedScorer
+
+    sites = nemo_sites(unet_model, "all_value")
+    order = [s.path for s in sites]
+    start = NeuronSet({sites[1].path: range(8), sites[4].path: range(8)})
+    always_under = lambda sets: [0.1] * len(sets)  # noqa: E731 - a score that never objects
+    probe = ImageCheckedScorer(unet_model, "a red circle", always_under, 0.5, ImageCheck(seeds=2, steps=2), 8)
+    bound = (1 + probe.image_ssim([start])[0]) / 2
+    checked = ImageCheckedScorer(unet_model, "a red circle", always_under, 0.5,
+                                 ImageCheck(max_ssim=bound, seeds=2, steps=2), 8)
+    kept, _ = refine(start, order, 0.5, checked)
+    assert 0 < len(kept) < len(start) and set(kept) <= set(start)
+    assert probe.image_ssim([kept])[0] < bound
+    assert len(refine(start, order, 0.5, always_under)[0]) == 0  # the score alone lets every neuron go
+
+
+def test_cli_localize_nemo_with_an_image_check(tiny_folders, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    prompts, holdout = tmp_path / "p.txt", tmp_path / "h.txt"
+    prompts.write_text("a red circle\n")
+    holdout.write_text("a blue square\na green tree\na cat\n")
+    common = ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts), "--holdout", str(holdout),
+              "--threshold", "0", "--seeds", "3", "--image-seeds", "1", "--image-steps", "1"]
+    result = CliRunner().invoke(app, common + ["--image-check", "0.9", "--out", str(tmp_path / "loc.json")])
+    assert result.exit_code == 0, result.output
+    assert "image" in result.stdout  # the summary table's image SSIM column
+    data = json.loads((tmp_path / "loc.json").read_text())
+    assert data["config"]["image_check"] == {"max_ssim": 0.9, "seeds": 1, "seed": 100, "steps": 1,
+                                             "guidance_scale": None}
+    entry = data["results"][0]
+    assert 0 <= entry["refined_image_ssim"] <= 1 and entry["images_generated"] >= 2
+    bad = CliRunner().invoke(app, common + ["--image-check", "0"])
+    assert bad.exit_code != 0 and "SSIM bound" in bad.output
+
+
+def test_a_failed_initial_selection_with_an_image_check_also_holds_the_initial_sets_image(unet_model):
+    from dataclasses import replace
+
+    from localization.nemo_image import ImageCheck, ImageCheckedScorer
+
+    short = SelectionSchedule(initial_theta=2.5, theta_step=0.5, min_theta=1.5)  # a small last set: a quick test
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5), schedule=short)
+    holdout = holdout_statistics(unet_model, ["a blue square", "a green tree", "a cat"], config)
+    plain = localize_prompt(unet_model, "a red circle", holdout, threshold=0.0, config=config)
+    assert plain.memorized and not plain.initial_success  # no set scores 0: NeMo holds the last score
+    probe = ImageCheckedScorer(unet_model, "a red circle", lambda sets: [0.0] * len(sets), 0.5,
+                               ImageCheck(seeds=2, steps=2), 8)
+    initial_ssim, plain_ssim = probe.image_ssim([plain.initial, plain.refined])
+    assert initial_ssim < plain_ssim  # the paper's refinement gave some of the image back
+    bound = (initial_ssim + plain_ssim) / 2
+    checked = localize_prompt(unet_model, "a red circle", holdout, threshold=0.0,
+                              config=replace(config, image_check=ImageCheck(max_ssim=bound, seeds=2, steps=2)))
+    assert checked.initial == plain.initial and set(checked.refined) <= set(checked.initial)
+    assert checked.refined_image_ssim < bound and checked.refined_score < plain.initial_score
+    assert checked.refined_image_ssim == pytest.approx(probe.image_ssim([checked.refined])[0], abs=1e-6)
+    strict = replace(config, image_check=ImageCheck(max_ssim=initial_ssim / 2, seeds=2, steps=2))
+    kept_image = localize_prompt(unet_model, "a red circle", holdout, threshold=0.0, config=strict)
+    assert kept_image.refined == plain.refined  # the last set keeps its image: the paper's refinement
+    assert kept_image.images_generated == 3 * 2  # the reference, the last set's test and the result's

@@ -45,6 +45,15 @@ def test_generation_is_seeded_and_independent_of_batch_company(unet_model):
     assert pair.shape[1] == 3 and 0 <= pair.min() and pair.max() <= 1
 
 
+def test_generation_takes_one_seed_per_prompt(unet_model):
+    chosen = sampling.generate(unet_model, [PROMPTS[0]] * 3, seeds=[7, 3, 7], steps=2)
+    torch.testing.assert_close(chosen[0], chosen[2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(chosen[1:2], sampling.generate(unet_model, PROMPTS[0], seed=3, steps=2),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(WorkbenchError, match="one seed per prompt"):
+        sampling.generate(unet_model, PROMPTS, seeds=[1], steps=2)
+
+
 def test_predict_without_guidance_is_the_conditional_prediction(unet_model):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     plain = sampling.predict(unet_model, latents, 300, PROMPTS)

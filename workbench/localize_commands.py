@@ -73,6 +73,12 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
              help="reference (each seed's δ against its un-blocked δ, the reference code) or consistency (the "
                   "detector's cross-seed score, which the threshold is calibrated on; our option).")] = "reference",
          seeds: Annotated[int, typer.Option(help="Initial latents per prompt (the paper's 10).")] = 10,
+         image_check: Annotated[Optional[float], typer.Option(
+             help="Also require each accepted set to take the image away: mean SSIM of its generations to the "
+                  "un-blocked ones below this bound, e.g. 0.5 (our option; off: the paper's score only).")] = None,
+         image_seeds: Annotated[int, typer.Option(help="Generations per set for --image-check.")] = 4,
+         image_steps: Annotated[Optional[int], typer.Option(
+             help="Sampling steps of the --image-check generations (default: the pipeline's).")] = None,
          out: OutOpt = None, graph: Annotated[Optional[Path], typer.Option(
              help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
@@ -90,6 +96,7 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         from localization.detection import check_nemo_threshold, read_prompts
         from localization.localize import localize
         from localization.nemo import NemoLocalizationConfig
+        from localization.nemo_image import ImageCheck
         from localization.sharding import current_shard
         from workbench.errors import WorkbenchError
         from workbench.io import check_writable
@@ -101,7 +108,8 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
                 check_writable(path, overwrite=overwrite)
         check_nemo_threshold(threshold)
         targets, calibration = read_prompts(prompts), read_prompts(holdout)
-        config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score)
+        check = None if image_check is None else ImageCheck(image_check, image_seeds, steps=image_steps)
+        config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
         shard = current_shard()  # under `accelerate launch`, prompts are split over the processes
@@ -125,12 +133,14 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         console.print(f"threshold {result.provenance['threshold']:.4f} ({result.provenance['threshold_source']})",
                       highlight=False)
         table = Table()
-        for column in ("prompt", "memorized", "score", "initial", "refined", "refined score", "forwards"):
+        columns = ["prompt", "memorized", "score", "initial", "refined", "refined score", "forwards"]
+        for column in columns + (["image SSIM"] if check else []):
             table.add_column(column, justify="left" if column == "prompt" else "right")
         for r in result.results:
             refined = "-" if r["refined_score"] is None else f"{r['refined_score']:.3f}"
+            image = [] if not check else ["-" if r["refined_image_ssim"] is None else f"{r['refined_image_ssim']:.3f}"]
             table.add_row(escape(r["prompt"]), "yes" if r["memorized"] else "no", f"{r['detection_score']:.3f}",
-                          str(r["initial"]["count"]), str(r["count"]), refined, str(r["denoiser_forwards"]))
+                          str(r["initial"]["count"]), str(r["count"]), refined, str(r["denoiser_forwards"]), *image)
         console.print(table)
         per_site = {}
         for site, index in result.neurons:

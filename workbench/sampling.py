@@ -101,12 +101,17 @@ def predict(model: Model, latents: torch.Tensor, timestep: float | int | torch.T
 @torch.no_grad()
 def generate(model: Model, prompts: str | Sequence[str], *, seed: int = 0, steps: int | None = None,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-             negative_prompt: str | None = None, max_sequence_length: int | None = None) -> torch.Tensor:
+             negative_prompt: str | None = None, max_sequence_length: int | None = None,
+             seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Run the pipeline with whatever interventions are active; images (n, 3, H, W) in [0, 1], on the CPU.
 
-    Unset arguments take the pipeline's own defaults.
+    Prompt i is generated from seed `seed + i`, or from `seeds[i]` when `seeds` is given. Unset
+    arguments take the pipeline's own defaults.
     """
     prompts = _check_prompts(prompts)
+    seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise WorkbenchError(f"give one seed per prompt ({len(prompts)} prompts, {len(seeds)} seeds)")
     guidance = guidance_scale if guidance_scale is not None else pipeline_default(model, "guidance_scale")
     if steps is not None and steps < 1:
         raise WorkbenchError(f"steps must be at least 1 (got {steps})")
@@ -116,7 +121,7 @@ def generate(model: Model, prompts: str | Sequence[str], *, seed: int = 0, steps
                               model.adapter.max_sequence_length(model.pipeline)}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     device = model.device
-    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     with cfg_layout(model, uses_cfg(model, guidance)):
         images = model.pipeline(prompt=prompts, generator=generators, output_type="pt",
                                 **model.adapter.pipeline_kwargs(), **kwargs).images

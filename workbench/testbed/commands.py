@@ -182,6 +182,10 @@ def testbed_localize(model: ModelArg,
                      = "reference",
                      nemo_steps: Annotated[int, typer.Option(help="Scheduler steps of NeMo's score (it reads the "
                                                                   "first timestep, the second with --legacy).")] = 50,
+                     image_check: Annotated[Optional[float], typer.Option(
+                         help="NeMo also requires each accepted set to take the image away (mean SSIM to the "
+                              "un-blocked generations below this bound, e.g. 0.5; see localize nemo).")] = None,
+                     image_seeds: Annotated[int, typer.Option(help="Generations per set for --image-check.")] = 4,
                      dose_fractions: Annotated[Optional[str], typer.Option(
                          help="Comma-separated fractions of the value neurons the dose section switches off "
                               "(default: 10, 25 and 50 %).")] = None,
@@ -200,15 +204,18 @@ def testbed_localize(model: ModelArg,
     with user_errors():
         from localization.detection import NemoConfig
         from localization.nemo import NemoLocalizationConfig
+        from localization.nemo_image import ImageCheck
         from localization.salun import SalUnConfig
         from localization.wanda import WandaConfig
         from workbench.io import read_json
         from workbench.testbed.localization_report import (DOSE_FRACTIONS, ReportConfig, check_holdout,
                                                            check_methods, localization_report)
 
-        nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score,
-                                      detection=NemoConfig(steps=nemo_steps))
         report_config = ReportConfig(seeds=seeds, wanda_base=wanda_base)
+        check = None if image_check is None else ImageCheck(image_check, image_seeds, steps=report_config.steps,
+                                                             guidance_scale=report_config.guidance_scale)
+        nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check,
+                                      detection=NemoConfig(steps=nemo_steps))
         description = read_json(testbed, "testbed description")
         holdout = check_holdout(description.get("holdout_prompts") if isinstance(description, dict) else None,
                                 report_config)

@@ -139,7 +139,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
         controls.append(control)
         entry = {"caption": photo.caption, "memorized": result["memorized"], "neurons": len(neurons),
                  "per_site": {site: len(indices) for site, indices in neurons.items()},
-                 "score_before": result["detection_score"]}
+                 "score_before": result["detection_score"], "search_image_ssim": result["refined_image_ssim"]}
         for name, blocked in (("none", NeuronSet()), ("nemo", neurons), ("random", control)):
             with ablate(model, blocked):
                 entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
