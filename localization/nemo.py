@@ -295,7 +295,7 @@ def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats],
         refine_threshold = initial.score if checked is None else scorer([initial.neurons])[0]
         if checked is not None:  # ... and with a check its image test, if the set passed it
             checked.gate = refine_threshold
-            search = checked if checked([initial.neurons])[0] <= refine_threshold else scorer
+            search = checked if checked.image_left(initial.neurons) else scorer
     refined, _ = refine(initial.neurons, list(z), refine_threshold, search, config.batch)
     if checked is None:
         initial_score, refined_score, image_ssim = initial.score, scorer([refined])[0], None

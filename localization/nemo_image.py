@@ -78,9 +78,13 @@ class ImageCheckedScorer:
         """Mean SSIM of each set's generations to the un-blocked ones, seed by seed."""
         return [float(torch.diagonal(ssim_matrix(images, self.reference)).mean()) for images in self._generations(sets)]
 
+    def image_left(self, neurons: NeuronSet) -> bool:
+        """Whether the prompt's image leaves with `neurons` blocked (the check, without the score)."""
+        return self.image_ssim([neurons])[0] < self.check.max_ssim
+
     def __call__(self, sets: list[NeuronSet]) -> list[float]:
         scores = self.score(sets)
         under = [i for i, value in enumerate(scores) if value <= self.gate]
         ssims = dict(zip(under, self.image_ssim([sets[i] for i in under]))) if under else {}
-        return [value if ssims.get(i, 1.0) < self.check.max_ssim else value + IMAGE_KEPT_OFFSET
+        return [value if i in ssims and ssims[i] < self.check.max_ssim else value + IMAGE_KEPT_OFFSET
                 for i, value in enumerate(scores)]
