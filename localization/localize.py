@@ -20,13 +20,14 @@ import workbench
 from localization.ablation import (AblationConfig, attention_entropy, concept_probability, memorization_score,
                                    rank_layers)
 from localization.detection import calibrate_threshold, check_nemo_threshold, nemo_scores
-from localization.nemo import NemoLocalizationConfig, holdout_statistics, localize_prompt
+from localization.nemo import NemoLocalizationConfig, deactivation_baseline, holdout_statistics, localize_prompt
 from localization.salun import SalUnConfig, saliency_mask
 from localization.sharding import Shard, gather_statistics, map_prompts
 from localization.wanda import WandaConfig, localize_weights
 from workbench.errors import WorkbenchError
 from workbench.fingerprint import model_tensor_hash, prompt_set_hash
 from workbench.graph import NeuronGraph
+from workbench.intervene import Ablation, Patch, ablate, ablate_to
 from workbench.io import atomic_write_json, check_writable, read_json
 from workbench.models.model import Model
 from workbench.neurons import NeuronSet, WeightMask
@@ -73,6 +74,15 @@ class Localization:
     def frequency(self) -> Counter:
         """(site, index) -> number of prompts whose set holds it."""
         return Counter(neuron for neurons in self.per_prompt() for neuron in neurons)
+
+    def deactivate(self, model: Model, neurons: NeuronSet | None = None) -> Ablation | Patch:
+        """Switch `neurons` (default: the union) off as the search did, while the block runs: zeroed, or set to
+        their holdout mean where NeMo ran with `deactivation="mean"` (the `baseline` saved with the result)."""
+        neurons = self.neurons if neurons is None else neurons
+        baseline = self.extra.get("baseline")
+        if baseline is None:
+            return ablate(model, neurons)
+        return ablate_to(model, neurons, {path: torch.tensor(values) for path, values in baseline.items()})
 
     def write_onto(self, graph: NeuronGraph) -> None:
         """Mark each found neuron on the graph: attribute `<method>_prompts` = how many prompts chose it."""
@@ -222,7 +232,9 @@ def _nemo(request: _Request) -> Localization:
     request.provenance.update(holdout_sha256=prompt_set_hash(holdout), threshold=threshold, threshold_source=source,
                               seeds=f"detection latents: draws 0..{config.detection.n_seeds - 1} of "
                                     f"torch.Generator().manual_seed({config.detection.seed})")
-    return request.result(results)
+    baseline = deactivation_baseline(config, statistics)
+    extra = None if baseline is None else {"baseline": {path: values.tolist() for path, values in baseline.items()}}
+    return request.result(results, extra)
 
 
 _METHOD_RUNNERS = {"nemo": _nemo, "wanda": _wanda, "salun": _salun, "ablation": _ablation}

@@ -18,7 +18,10 @@ shared/research/localization.md §1.2–1.4). The search scores a blocked set as
 score; `search_score="consistency"` (our option) searches against that cross-seed score itself.
 `image_check` (our option, `localization.nemo_image`) also asks each accepted set to take the prompt's
 generated image away, since a first-step score under the threshold does not mean the later steps
-will not restore it.
+will not restore it. `deactivation="mean"` (our option) switches a neuron off by setting it to its holdout
+mean instead of zero (mean ablation, Wang et al., "Interpretability in the Wild", ICLR 2023, §3), in the
+search and wherever the result is applied (`Localization.deactivate`): the neuron loses what is specific
+to the prompt but keeps the value ordinary prompts give it.
 Sites: the official seven SD 1.x sites (value projections of the first transformer block of each down
 and mid attention), every value site (`all_value`), or the value sites of named blocks ("down.1,up.0",
 e.g. the blocks `localization.ablation` ranks first; ours); PixArt
@@ -54,6 +57,7 @@ from workbench.stats import RunningStats
 
 SITE_CHOICES = ("official", "all_value")
 SEARCH_SCORES = ("reference", "consistency")
+DEACTIVATIONS = ("zero", "mean")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class NemoLocalizationConfig:
     search_score: str = "reference"  # "consistency": search against the detector's cross-seed score (ours)
     detection: NemoConfig = NemoConfig()
     image_check: ImageCheck | None = None  # ours: a set must also take the image away (`nemo_image`)
+    deactivation: str = "zero"  # "mean" (ours): a switched-off neuron takes its holdout mean, not 0
     batch: int = 8  # candidate neuron sets scored per batched forward
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
 
@@ -85,10 +90,15 @@ class NemoLocalizationConfig:
                                  f"use one of {', '.join(SEARCH_SCORES)}")
         if self.batch < 1 or self.rows_per_call < 1:
             raise WorkbenchError("batch and rows_per_call must be >= 1")
+        if self.deactivation not in DEACTIVATIONS:
+            raise WorkbenchError(f"unknown NeMo deactivation {self.deactivation!r}; use {' or '.join(DEACTIVATIONS)}")
         if self.legacy:
             object.__setattr__(self, "top_k_on", "raw")
             object.__setattr__(self, "token_mean", "abs")
             object.__setattr__(self, "detection", replace(self.detection, legacy=True))
+        if self.deactivation == "mean" and self.token_mean == "abs":
+            raise WorkbenchError("deactivation='mean' sets neurons to their holdout mean, which the absolute "
+                                 "token mean does not give; use the signed token mean (drop --legacy)")
 
 
 def site_blocks(which: str) -> list[str]:
@@ -167,6 +177,14 @@ def holdout_statistics(model: Model, prompts: Sequence[str],
     return {path: RunningStats.of(a) for path, a in value_activations(model, prompts, sites, config).items()}
 
 
+def deactivation_baseline(config: NemoLocalizationConfig,
+                          holdout: dict[str, RunningStats]) -> dict[str, torch.Tensor] | None:
+    """What a switched-off neuron outputs besides zero: its holdout mean with `deactivation="mean"`, else None."""
+    if config.deactivation == "zero":
+        return None
+    return {path: stats.mean for path, stats in holdout.items()}
+
+
 def prompt_z_scores(model: Model, prompt: str, holdout: dict[str, RunningStats],
                     config: NemoLocalizationConfig = NemoLocalizationConfig()
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -194,6 +212,7 @@ class MemorizationScorer:
     prompt: str
     seeds: tuple[int, ...]
     config: NemoLocalizationConfig
+    baseline: dict[str, torch.Tensor] | None = None  # `deactivation_baseline`: blocked neurons take it, not 0
     forwards: int = 0
     _state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -223,7 +242,7 @@ class MemorizationScorer:
             kwargs = {k: v.repeat_interleave(len(rows), dim=0) if isinstance(v, torch.Tensor) else v
                       for k, v in cond.kwargs.items()}
             batch_cond = replace(cond, prompts=[self.prompt] * len(rows), kwargs=kwargs)
-            with ablate_per_sample(self.model, [s for s in chunk for _ in range(seeds)]):
+            with ablate_per_sample(self.model, [s for s in chunk for _ in range(seeds)], baseline=self.baseline):
                 eps = prediction_at(self.model, rows, self._state["timestep"], batch_cond, self.config.detection)
             self.forwards += 1
             delta = noise_difference(self.model, eps.float(), rows.float(), self._state["timestep"])
@@ -285,9 +304,11 @@ def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats],
         return NemoResult(prompt, detection.score, threshold, (), NeuronSet(), None, False, None, None,
                           NeuronSet(), None, 1)
     activations, z = prompt_z_scores(model, prompt, holdout, config)
-    scorer = MemorizationScorer(model, prompt, seeds, config)
+    baseline = deactivation_baseline(config, holdout)
+    scorer = MemorizationScorer(model, prompt, seeds, config, baseline)
     checked = None if config.image_check is None else ImageCheckedScorer(model, prompt, scorer, threshold,
-                                                                         config.image_check, config.rows_per_call)
+                                                                         config.image_check, config.rows_per_call,
+                                                                         baseline)
     search = checked or scorer
     initial = initial_selection(activations, z, threshold, search, config.schedule, config.top_k_on, config.batch)
     refine_threshold = threshold

@@ -55,8 +55,9 @@ class ImageCheckedScorer:
     holds), also the image check."""
 
     def __init__(self, model: Model, prompt: str, score: Scorer, gate: float, check: ImageCheck,
-                 rows_per_call: int):
+                 rows_per_call: int, baseline: dict[str, torch.Tensor] | None = None):
         self.model, self.prompt, self.score, self.gate, self.check = model, prompt, score, gate, check
+        self.baseline = baseline  # blocked neurons take it instead of 0 (NeMo's deactivation="mean")
         self.per_call = max(1, rows_per_call // check.seeds)
         self.images_generated = 0
         self.reference = self._generations([NeuronSet()])[0]
@@ -67,7 +68,7 @@ class ImageCheckedScorer:
         out = []
         for start in range(0, len(sets), self.per_call):
             chunk = sets[start:start + self.per_call]
-            with ablate_per_sample(self.model, [s for s in chunk for _ in seeds]):
+            with ablate_per_sample(self.model, [s for s in chunk for _ in seeds], baseline=self.baseline):
                 images = generate(self.model, [self.prompt] * (len(chunk) * len(seeds)), seeds=seeds * len(chunk),
                                   steps=self.check.steps, guidance_scale=self.check.guidance_scale)
             self.images_generated += len(images)

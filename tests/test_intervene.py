@@ -100,6 +100,47 @@ def test_per_sample_masks_equal_separate_runs(tiny_model):
     assert not torch.allclose(batched[0], batched[1])
 
 
+def test_ablate_to_baseline_pins_the_neurons_and_per_sample_matches_it(tiny_model):
+    sites = tiny_model.graph.select(roles=TEXT_VALUE_ROLES)
+    baseline = {s.path: torch.linspace(-1.0, 1.0, s.out_features) for s in sites}
+    first = NeuronSet({sites[0].path: [1, 4]})
+    second = NeuronSet({sites[-1].path: [0, 3]})
+    with intervene.ablate_to(tiny_model, first, baseline):
+        with intervene.record(tiny_model, [sites[0]]) as rec:
+            _predict(tiny_model)
+    stats = rec.stats[sites[0].path]
+    torch.testing.assert_close(stats.mean[[1, 4]], baseline[sites[0].path][[1, 4]].double(), rtol=0, atol=1e-6)
+    assert stats.m2[[1, 4]].abs().max() < 1e-8 and stats.m2[[0, 2]].min() > 1e-6  # only the set is pinned
+    prompts = ["a red circle", "a photo of a cat", "a red circle"]
+    latents = _latents(tiny_model, 3)
+    with intervene.ablate_per_sample(tiny_model, [first, second, NeuronSet()], baseline=baseline):
+        batched = _predict(tiny_model, latents, prompts)
+    for i, neurons in enumerate([first, second, NeuronSet()]):
+        with intervene.ablate_to(tiny_model, neurons, baseline):
+            alone = _predict(tiny_model, latents[i:i + 1], prompts[i:i + 1])
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+    with intervene.ablate(tiny_model, first):
+        zeroed = _predict(tiny_model, latents[:1], prompts[:1])
+    assert not torch.allclose(batched[:1], zeroed)  # a baseline is not zero-ablation
+    zeros = {path: torch.zeros_like(b) for path, b in baseline.items()}
+    with intervene.ablate_per_sample(tiny_model, [first], 0.5, baseline=zeros):
+        halfway = _predict(tiny_model, latents[:1], prompts[:1])
+    with intervene.scale(tiny_model, first, 0.5):
+        scaled = _predict(tiny_model, latents[:1], prompts[:1])
+    torch.testing.assert_close(halfway, scaled, rtol=1e-4, atol=1e-5)
+
+
+def test_baseline_needs_one_finite_value_per_neuron(tiny_model):
+    site = tiny_model.graph.select(roles=TEXT_VALUE_ROLES)[0]
+    neurons = NeuronSet({site.path: [0]})
+    for baseline, match in (({}, "no baseline for site"), ({site.path: torch.zeros(3)}, "finite values"),
+                            ({site.path: torch.full((site.out_features,), float("nan"))}, "finite values")):
+        with pytest.raises(WorkbenchError, match=match):
+            intervene.ablate_to(tiny_model, neurons, baseline)
+        with pytest.raises(WorkbenchError, match=match):
+            intervene.ablate_per_sample(tiny_model, [neurons], baseline=baseline)
+
+
 def test_per_sample_mask_count_must_match_batch(unet_model):
     neurons = _value_neurons(unet_model, 2)
     with intervene.ablate_per_sample(unet_model, [neurons, neurons, NeuronSet()]):

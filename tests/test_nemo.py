@@ -235,6 +235,57 @@ def test_bad_nemo_settings_fail_in_one_line(unet_model):
     assert (legacy.top_k_on, legacy.token_mean, legacy.detection.timestep_index) == ("raw", "abs", 1)
 
 
+def test_mean_deactivation_scores_sets_at_their_holdout_mean(unet_model):
+    from localization.nemo import deactivation_baseline
+
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5), deactivation="mean")
+    holdout = holdout_statistics(unet_model, ["a blue square", "a green tree", "a cat"], config)
+    baseline = deactivation_baseline(config, holdout)
+    assert set(baseline) == set(holdout) and all(torch.equal(baseline[p], holdout[p].mean) for p in holdout)
+    assert deactivation_baseline(NemoLocalizationConfig(), holdout) is None
+    sites = nemo_sites(unet_model)
+    everything = NeuronSet({s.path: range(s.out_features) for s in sites})
+    zeros = {path: torch.zeros_like(values) for path, values in baseline.items()}
+    scores = [MemorizationScorer(unet_model, "a red circle", (0, 2), config, b)([everything])[0]
+              for b in (baseline, zeros, None)]
+    assert scores[1] == pytest.approx(scores[2], abs=1e-6)  # a zero baseline is zero-ablation
+    assert abs(scores[0] - scores[2]) > 1e-3  # the holdout mean is not
+    mean_scorer = MemorizationScorer(unet_model, "a red circle", (0, 2), config, baseline)
+    assert mean_scorer([NeuronSet()])[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(WorkbenchError, match="signed token mean"):
+        NemoLocalizationConfig(deactivation="mean", legacy=True)
+    with pytest.raises(WorkbenchError, match="deactivation"):
+        NemoLocalizationConfig(deactivation="half")
+
+
+def test_a_mean_deactivated_localization_keeps_its_baseline_and_applies_it(unet_model, tmp_path):
+    from localization.localize import Localization, localize
+    from workbench import intervene
+    from workbench.sampling import generate
+
+    holdout = ["a blue square", "a green tree", "a cat"]
+    config = NemoLocalizationConfig(detection=NemoConfig(n_seeds=3, steps=5), deactivation="mean")
+    result = localize(unet_model, "nemo", ["a red circle"], config=config, holdout=holdout, threshold=0.0)
+    means = holdout_statistics(unet_model, holdout, config)
+    assert result.config["deactivation"] == "mean"
+    assert set(result.extra["baseline"]) == set(means)
+    assert all(torch.equal(torch.tensor(result.extra["baseline"][p], dtype=torch.float64), means[p].mean)
+               for p in means)
+    result.save(tmp_path / "loc.json")
+    again = Localization.load(tmp_path / "loc.json")
+    site = nemo_sites(unet_model)[0]
+    pinned = NeuronSet({site.path: [2, 7]})
+    with again.deactivate(unet_model, pinned):
+        with intervene.record(unet_model, [site]) as rec:
+            generate(unet_model, ["a red circle"], steps=2, guidance_scale=3.0)
+    torch.testing.assert_close(rec.stats[site.path].mean[[2, 7]], means[site.path].mean[[2, 7]], rtol=0, atol=1e-6)
+    zero = Localization("nemo", [{"neurons": pinned.to_json()["neurons"]}], {}, {})
+    with zero.deactivate(unet_model):
+        with intervene.record(unet_model, [site]) as rec_zero:
+            generate(unet_model, ["a red circle"], steps=2, guidance_scale=3.0)
+    assert rec_zero.stats[site.path].mean_abs[[2, 7]].max() == 0
+
+
 # ---- entry point, aggregation, CLI -----------------------------------------------------------------------
 
 
@@ -293,6 +344,16 @@ def test_cli_localize_nemo_json(tiny_folders, tmp_path):
     assert entry["prompt"] == "a red circle" and isinstance(entry["neurons"], dict)
     assert all(site.endswith("attn2.to_v") for site in entry["neurons"])
     assert (tmp_path / "loc.json").is_file() and (tmp_path / "g.json").is_file()
+    mean = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                    "--holdout", str(holdout), "--threshold", "0", "--seeds", "3",
+                                    "--deactivation", "mean", "--json"])
+    assert mean.exit_code == 0, mean.output
+    data = json.loads(mean.stdout)
+    assert data["config"]["deactivation"] == "mean" and set(data["results"][0]["neurons"]) <= set(data["baseline"])
+    assert data["baseline"] and all(site.endswith("attn2.to_v") for site in data["baseline"])
+    bad = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                   "--holdout", str(holdout), "--deactivation", "mean", "--legacy"])
+    assert bad.exit_code != 0 and "signed token mean" in bad.output + bad.stderr
     again = CliRunner().invoke(app, ["localize", "nemo", str(tiny_folders["unet"]), "--prompts", str(prompts),
                                      "--holdout", str(holdout), "--out", str(tmp_path / "loc.json")])
     assert again.exit_code == 2 and "exists" in again.stderr

@@ -31,7 +31,6 @@ from localization.detection import (Detection, ReplicationConfig, Thresholds, We
 from localization.localize import localize
 from workbench.errors import WorkbenchError
 from workbench.html_page import figure, page, table as html_table
-from workbench.intervene import ablate
 from workbench.io import atomic_write_json, atomic_write_text, read_json, read_rgb_images
 from workbench.sampling import generate
 from workbench.testbed.classifier import images_to_unit
@@ -153,7 +152,7 @@ def run_demo(checkpoints: Path, out: Path, config: DemoConfig = DemoConfig(),
                                threshold=thresholds.nemo, advance=lambda text: advance(f"NeMo: {text}"))
             for row, neurons, result in zip(targets, located.per_prompt(), located.results):
                 advance(f"generating without its neurons: {row['caption']}")
-                with ablate(model, neurons):
+                with located.deactivate(model, neurons):
                     after = generate(model, [row["caption"]] * config.seeds, seed=0, steps=generation["steps"],
                                      guidance_scale=generation["guidance"])
                 row.update(after=after, nemo=result,

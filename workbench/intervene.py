@@ -7,7 +7,8 @@ narrow it. Contexts nest: hooks run in the order the contexts were entered, so a
 inside an ablation sees the ablated activations.
 
 Zeroing output i of a Linear/Conv equals zeroing row i of its weight and entry i of its bias
-(`ablate_weights` does the latter, for hook-free runs). nnsight is the API for free-form mechanistic
+(`ablate_weights` does the latter, for hook-free runs). `ablate_to` replaces neurons with a baseline
+(mean ablation) instead of zero. nnsight is the API for free-form mechanistic
 work (`model.tracer()`); these hooks are the measured hot path (`bench/intervention_overhead.py`).
 """
 
@@ -183,13 +184,28 @@ class Patch(NeuronIntervention):
         part.index_copy_(dim, index, replacement.to(selected).expand_as(selected))
 
 
+def baseline_vector(model: Model, baseline: Mapping[str, torch.Tensor], path: str) -> torch.Tensor:
+    """`baseline[path]`, checked: one finite value per neuron of the site, on the model's device."""
+    if path not in baseline:
+        raise WorkbenchError(f"no baseline for site {path}; give one value per neuron of every site in the set")
+    vector = torch.as_tensor(baseline[path], dtype=torch.float32).to(model.device).flatten()
+    size = model.graph.site(path).out_features
+    if vector.numel() != size or not torch.isfinite(vector).all():
+        raise WorkbenchError(f"the baseline of {path} must hold {size} finite values (got {vector.numel()}); "
+                             "compute it on this model, e.g. the neurons' mean over ordinary prompts")
+    return vector
+
+
 class PerSampleAblation(Intervention):
     """One batched forward, a different ablation per sample: sample i gets `neuron_sets[i]`.
 
-    Samples are the rows of the un-doubled batch; under CFG both halves of sample i get its set.
+    Samples are the rows of the un-doubled batch; under CFG both halves of sample i get its set. With a
+    `baseline` (site path -> one value per neuron) an ablated neuron becomes b + factor·(x − b) instead of
+    factor·x: factor 0 replaces it with b (mean ablation when b is its mean over ordinary prompts).
     """
 
-    def __init__(self, model: Model, neuron_sets: Sequence[NeuronSet], factor: float = 0.0, **call_filter):
+    def __init__(self, model: Model, neuron_sets: Sequence[NeuronSet], factor: float = 0.0,
+                 baseline: Mapping[str, torch.Tensor] | None = None, **call_filter):
         super().__init__(model, **call_filter)
         if not neuron_sets:
             raise WorkbenchError("no neuron sets given; pass one NeuronSet per sample")
@@ -197,12 +213,14 @@ class PerSampleAblation(Intervention):
         union = NeuronSet()
         for neurons in neuron_sets:
             union = union | neurons.validate(model.graph)
-        self.masks = {}
+        self.masks, self.baselines = {}, {}
         for path in union.sites:
             mask = torch.ones(self.samples, model.graph.site(path).out_features, device=model.device)
             for sample, neurons in enumerate(neuron_sets):
                 mask[sample, list(neurons[path])] = float(factor)
             self.masks[path] = mask
+            if baseline is not None:
+                self.baselines[path] = baseline_vector(model, baseline, path)
 
     def site_hooks(self) -> Iterator[tuple[Site, Callable]]:
         for path, mask in self.masks.items():
@@ -221,7 +239,12 @@ class PerSampleAblation(Intervention):
                                  f"of {batch}; give one neuron set per prompt")
         shape = [batch] + ([mask.shape[1]] + [1] * (output.ndim - 2) if site.channel_dim == 1
                            else [1] * (output.ndim - 2) + [mask.shape[1]])
-        output[rows] *= per_row.reshape(shape)[rows].to(output.dtype)
+        keep = per_row.reshape(shape)[rows].to(output.dtype)
+        if site.path not in self.baselines:
+            output[rows] *= keep
+            return
+        base = self.baselines[site.path].reshape(shape[1:]).to(output.dtype)
+        output[rows] = base + keep * (output[rows] - base)
 
 
 class Recording(Intervention):
@@ -300,11 +323,22 @@ def patch(model: Model, neurons: NeuronSet, values: Mapping[str, PatchValue], *,
     return Patch(model, neurons, values, steps=steps, timesteps=timesteps, branch=branch)
 
 
+def ablate_to(model: Model, neurons: NeuronSet, baseline: Mapping[str, torch.Tensor], *,
+              steps: Iterable[int] | None = None, timesteps: Iterable[float] | None = None,
+              branch: str = "both") -> Patch:
+    """Replace each neuron's output with its `baseline` value (site path -> one value per neuron of the
+    site) while the block runs: mean ablation when the baseline is the neurons' mean over ordinary prompts."""
+    neurons = neurons.validate(model.graph)
+    values = {path: baseline_vector(model, baseline, path)[list(indices)] for path, indices in neurons.items()}
+    return Patch(model, neurons, values, steps=steps, timesteps=timesteps, branch=branch)
+
+
 def ablate_per_sample(model: Model, neuron_sets: Sequence[NeuronSet], factor: float = 0.0, *,
-                      steps: Iterable[int] | None = None, timesteps: Iterable[float] | None = None,
-                      branch: str = "both") -> PerSampleAblation:
-    """Sample i of the batch runs with `neuron_sets[i]` ablated (scaled by `factor`)."""
-    return PerSampleAblation(model, neuron_sets, factor, steps=steps, timesteps=timesteps, branch=branch)
+                      baseline: Mapping[str, torch.Tensor] | None = None, steps: Iterable[int] | None = None,
+                      timesteps: Iterable[float] | None = None, branch: str = "both") -> PerSampleAblation:
+    """Sample i of the batch runs with `neuron_sets[i]` ablated (scaled by `factor`; toward `baseline`
+    instead of 0 when one is given)."""
+    return PerSampleAblation(model, neuron_sets, factor, baseline, steps=steps, timesteps=timesteps, branch=branch)
 
 
 @contextmanager

@@ -79,6 +79,9 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
          image_seeds: Annotated[int, typer.Option(help="Generations per set for --image-check.")] = 4,
          image_steps: Annotated[Optional[int], typer.Option(
              help="Sampling steps of the --image-check generations (default: the pipeline's).")] = None,
+         deactivation: Annotated[str, typer.Option(
+             help="How a neuron is switched off: zero (the paper) or mean (its holdout mean; our option).")]
+         = "zero",
          out: OutOpt = None, graph: Annotated[Optional[Path], typer.Option(
              help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
@@ -109,7 +112,8 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         check_nemo_threshold(threshold)
         targets, calibration = read_prompts(prompts), read_prompts(holdout)
         check = None if image_check is None else ImageCheck(image_check, image_seeds, steps=image_steps)
-        config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check)
+        config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check,
+                                        deactivation=deactivation)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
         shard = current_shard()  # under `accelerate launch`, prompts are split over the processes

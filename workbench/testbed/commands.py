@@ -186,6 +186,9 @@ def testbed_localize(model: ModelArg,
                          help="NeMo also requires each accepted set to take the image away (mean SSIM to the "
                               "un-blocked generations below this bound, e.g. 0.5; see localize nemo).")] = None,
                      image_seeds: Annotated[int, typer.Option(help="Generations per set for --image-check.")] = 4,
+                     deactivation: Annotated[str, typer.Option(
+                         help="How NeMo switches a neuron off: zero (the paper) or mean (its holdout mean; "
+                              "ours).")] = "zero",
                      dose_fractions: Annotated[Optional[str], typer.Option(
                          help="Comma-separated fractions of the value neurons the dose section switches off "
                               "(default: 10, 25 and 50 %).")] = None,
@@ -215,7 +218,7 @@ def testbed_localize(model: ModelArg,
         check = None if image_check is None else ImageCheck(image_check, image_seeds, steps=report_config.steps,
                                                              guidance_scale=report_config.guidance_scale)
         nemo = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check,
-                                      detection=NemoConfig(steps=nemo_steps))
+                                      deactivation=deactivation, detection=NemoConfig(steps=nemo_steps))
         description = read_json(testbed, "testbed description")
         holdout = check_holdout(description.get("holdout_prompts") if isinstance(description, dict) else None,
                                 report_config)

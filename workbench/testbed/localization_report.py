@@ -1,7 +1,7 @@
 """Does localization find the testbed's planted memorization, and only it? The bars of issue 4 on a checkpoint.
 
 - **NeMo**: for each verbatim-memorized caption, its refined neurons (`localization.localize`); with
-  them switched off (a) the noise-consistency score against the calibrated threshold and (b) the
+  them switched off (as the search switched them off: zeroed, or set to their holdout mean) (a) the noise-consistency score against the calibrated threshold and (b) the
   replication SSIM of generations to the training image; the same for a random set with the same
   per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
   their un-ablated generations, same seeds, over all sets), with each random control off, and with the
@@ -141,7 +141,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
                  "per_site": {site: len(indices) for site, indices in neurons.items()},
                  "score_before": result["detection_score"], "search_image_ssim": result["refined_image_ssim"]}
         for name, blocked in (("none", NeuronSet()), ("nemo", neurons), ("random", control)):
-            with ablate(model, blocked):
+            with located.deactivate(model, blocked):
                 entry[name] = _effect(model, photo.caption, own, threshold, nemo, config)
         entry["removed"] = bool(len(neurons)) and entry["nemo"]["under_threshold"] and entry["nemo"]["ssim_mean"] < 0.5
         entry["random_removed"] = (bool(len(control)) and entry["random"]["under_threshold"]
@@ -150,11 +150,11 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     union = located.neurons
     advance("ordinary captions")
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
-    edits = {"union": lambda: ablate(model, union)}
+    edits = {"union": lambda: located.deactivate(model, union)}
     for row, neurons, control in zip(rows, located.per_prompt(), controls):
         if len(neurons):
-            edits[row["caption"]] = lambda neurons=neurons: ablate(model, neurons)
-            edits["random: " + row["caption"]] = lambda control=control: ablate(model, control)
+            edits[row["caption"]] = lambda neurons=neurons: located.deactivate(model, neurons)
+            edits["random: " + row["caption"]] = lambda control=control: located.deactivate(model, control)
     changes = _ordinary_change(model, ordinary, config, edits)
     unchanged = changes.pop("union")
     for row in rows:
