@@ -8,8 +8,8 @@ inside an ablation sees the ablated activations.
 
 Zeroing output i of a Linear/Conv equals zeroing row i of its weight and entry i of its bias
 (`ablate_weights` does the latter, for hook-free runs). `ablate_to` replaces neurons with a baseline
-(mean ablation) instead of zero. nnsight is the API for free-form mechanistic
-work (`model.tracer()`); these hooks are the measured hot path (`bench/intervention_overhead.py`).
+(mean ablation) instead of zero. nnsight is the API for free-form mechanistic work (`model.tracer()`);
+these hooks are the measured hot path (`bench/intervention_overhead.py`).
 """
 
 from __future__ import annotations

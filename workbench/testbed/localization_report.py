@@ -1,9 +1,9 @@
 """Does localization find the testbed's planted memorization, and only it? The bars of issue 4 on a checkpoint.
 
 - **NeMo**: for each verbatim-memorized caption, its refined neurons (`localization.localize`); with
-  them switched off (as the search switched them off: zeroed, or set to their holdout mean) (a) the noise-consistency score against the calibrated threshold and (b) the
-  replication SSIM of generations to the training image; the same for a random set with the same
-  per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
+  them switched off as the search switched them off (zeroed, or set to their holdout mean) (a) the
+  noise-consistency score against the calibrated threshold and (b) the replication SSIM of generations
+  to the training image; the same for a random set with the same per-layer counts. Ordinary captions are generated with each caption's set off (the bar: mean SSIM to
   their un-ablated generations, same seeds, over all sets), with each random control off, and with the
   union of all sets off (the edit one would ship for all captions at once).
 - **Wanda / SalUn**: one mask for all verbatim captions (the method's defaults unless configured), applied
@@ -147,10 +147,9 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
         entry["random_removed"] = (bool(len(control)) and entry["random"]["under_threshold"]
                                    and entry["random"]["ssim_mean"] < 0.5)
         rows.append(entry)
-    union = located.neurons
     advance("ordinary captions")
     ordinary = holdout_prompts[config.holdout:config.holdout + config.ordinary]
-    edits = {"union": lambda: located.deactivate(model, union)}
+    edits = {"union": lambda: located.deactivate(model)}
     for row, neurons, control in zip(rows, located.per_prompt(), controls):
         if len(neurons):
             edits[row["caption"]] = lambda neurons=neurons: located.deactivate(model, neurons)
@@ -165,7 +164,7 @@ def nemo_report(model: Model, holdout_prompts: list[str], config: ReportConfig =
     own_set = [row["ordinary_ssim_to_unablated_mean"] for row in rows if row["caption"] in changes]
     random_set = [row["random_ordinary_ssim_to_unablated_mean"] for row in rows if row["caption"] in changes]
     per_site = Counter()
-    for site, _ in union:
+    for site, _ in located.neurons:
         per_site[site] += 1
     summary = {
         "threshold": threshold, "captions": len(rows),
