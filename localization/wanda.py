@@ -12,6 +12,9 @@
   the masks of the first τ calls are united (count > `select_ratio`·τ; 0 = OR). Defaults from the
   reference code (shared/research/localization.md §2.2): skill_ratio 0.01, τ 10, select_ratio 0,
   base prompts "" (one per target prompt), guidance 7.5, 50 steps, seed 0.
+- `roles` picks other Linear sites, as the reference code's `--hook_module` does (`unet-ffn-1` = ffn_in,
+  `attn_key` = cross_attn_key, `attn_val` = cross_attn_value); ConceptPrune's default and ours is ffn_out.
+  A key or value projection reads the text, so its column norms are the same at every denoiser call.
 
 Column norms accumulate on the model's device (sums of squares per call, float32); activations are
 never copied to the CPU (only each prompt's (τ, d_in) sums are), and sampling stops after the τ-th
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from localization.sharding import Shard, map_prompts
 from workbench.errors import WorkbenchError
 from workbench.models.model import Model
+from workbench.graph import parse_role
 from workbench.models.sites import Role, Site
 from workbench.neurons import WeightMask
 from workbench.sampling import generate
@@ -48,8 +52,13 @@ class WandaConfig:
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
+    roles: tuple[str, ...] = (Role.FFN_OUT.value,)  # the Linear sites whose inputs are scored (hook_module)
 
     def __post_init__(self) -> None:
+        if not self.roles:
+            raise WorkbenchError("give at least one role for Wanda's sites, e.g. ffn_out")
+        for role in self.roles:
+            parse_role(role)
         if self.mode not in ("conceptprune", "wanda"):
             raise WorkbenchError(f"unknown Wanda mode {self.mode!r}; use conceptprune or wanda")
         if not 0 < self.skill_ratio <= 1 or not 0 < self.sparsity <= 1:
@@ -58,11 +67,12 @@ class WandaConfig:
             raise WorkbenchError(f"calls must be in 1..steps ({self.steps}) and select_ratio in [0, 1)")
 
 
-def wanda_sites(model: Model) -> list[Site]:
-    """The FFN output projections (`ff.net.2`), whose inputs Wanda scores."""
-    sites = [s for s in model.graph.select(roles=[Role.FFN_OUT]) if s.kind == "linear"]
+def wanda_sites(model: Model, roles: Sequence[str] = (Role.FFN_OUT.value,)) -> list[Site]:
+    """The Linear sites of `roles` (default the FFN output projections, `ff.net.2`) whose inputs Wanda scores."""
+    sites = [s for s in model.graph.select(roles=list(roles)) if s.kind == "linear"]
     if not sites:
-        raise WorkbenchError(f"the {model.family} denoiser has no feed-forward output projections to score")
+        raise WorkbenchError(f"the {model.family} denoiser has no Linear sites of role {', '.join(roles)} to score; "
+                             "check Wanda's roles")
     return sites
 
 
@@ -103,7 +113,7 @@ def column_norms(model: Model, sums: dict[str, torch.Tensor], row_normalize: boo
 
 def prompt_square_sums(model: Model, prompt: str, config: WandaConfig) -> dict[str, torch.Tensor]:
     """One prompt's per-site (τ, d_in) sums of squared (row-normalised) inputs, from seed `config.seed`."""
-    sums = {s.path: torch.zeros(config.calls, s.in_features, device=model.device) for s in wanda_sites(model)}
+    sums = {s.path: torch.zeros(config.calls, s.in_features, device=model.device) for s in wanda_sites(model, config.roles)}
     with column_norms(model, sums, config.row_normalize):
         generate(model, [prompt], seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale)
     return sums

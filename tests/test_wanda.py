@@ -58,6 +58,23 @@ def test_column_norms_cover_exactly_tau_calls_of_unit_rows(unet_model):
         assert torch.allclose(n.square().sum(dim=1), torch.full((3,), 2.0 * 2 * tokens), rtol=1e-4)
 
 
+def test_value_projection_norms_are_the_texts_own_at_every_call(unet_model):
+    """roles=cross_attn_value (the reference's `attn_val`): the inputs are the [uncond; cond] text embeddings."""
+    from workbench.sampling import encode
+
+    prompts = ["a red circle", "a cat"]
+    config = WandaConfig(calls=2, steps=4, roles=("cross_attn_value",))
+    norms = collect_norms(unet_model, prompts, config)
+    sites = wanda_sites(unet_model, config.roles)
+    assert set(norms) == {s.path for s in sites} and all(s.role == "cross_attn_value" for s in sites)
+    squares = sum(torch.nn.functional.normalize(encode(unet_model, [p], cfg=True).kwargs["encoder_hidden_states"]
+                                                .flatten(0, 1).float(), dim=1).square().sum(0) for p in prompts)
+    for path, n in norms.items():
+        assert torch.allclose(n, squares.sqrt().expand_as(n), rtol=1e-5)  # the same at both calls
+    mask = localize_weights(unet_model, prompts, WandaConfig(calls=2, steps=4, skill_ratio=0.25, roles=config.roles))
+    assert set(mask.sites) == {s.path for s in sites} and mask.count() > 0  # int(0.01 · 32 text dims) = 0 per row
+
+
 def test_masks_at_defaults_have_the_expected_density(unet_model):
     config = WandaConfig(calls=2, steps=4, skill_ratio=0.25)
     mask = localize_weights(unet_model, ["a red circle"], config)
@@ -85,6 +102,9 @@ def test_bad_wanda_settings_fail_in_one_line(unet_model):
     for build, match in ((lambda: WandaConfig(mode="sparsegpt"), "unknown Wanda mode"),
                          (lambda: WandaConfig(skill_ratio=0), "skill_ratio"),
                          (lambda: WandaConfig(calls=60), "calls"),
+                         (lambda: WandaConfig(roles=("attn_val",)), "unknown role 'attn_val'"),
+                         (lambda: WandaConfig(roles=()), "at least one role"),
+                         (lambda: wanda_sites(unet_model, ("context_value",)), "no Linear sites of role context_value"),
                          (lambda: collect_norms(unet_model, [], WandaConfig()), "at least one prompt")):
         with pytest.raises(WorkbenchError, match=match):
             build()
@@ -122,3 +142,10 @@ def test_cli_localize_wanda_json(tiny_folders, tmp_path):
     data = json.loads(result.stdout)
     assert data["mask"] == str(tmp_path / "w.mask.safetensors") and 0 < data["density"] <= 0.2
     assert sum(data["per_site"].values()) == data["weights"]
+    assert all(site.endswith("ff.net.2") for site in data["per_site"])
+    result = CliRunner().invoke(app, ["localize", "wanda", str(tiny_folders["unet"]), "--prompts", str(prompts),
+                                      "--calls", "2", "--skill-ratio", "0.1", "--roles", "cross_attn_key,cross_attn_value",
+                                      "--out", str(tmp_path / "kv.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.stdout)["per_site"]
+    assert sites and all(site.endswith(("attn2.to_k", "attn2.to_v")) for site in sites)

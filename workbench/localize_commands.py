@@ -162,6 +162,9 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
           skill_ratio: Annotated[float, typer.Option(help="Top fraction of each output row (ConceptPrune).")] = 0.01,
           calls: Annotated[int, typer.Option(help="τ: first denoiser calls whose masks are united.")] = 10,
           sparsity: Annotated[float, typer.Option(help="Pruned fraction of each row (pure Wanda).")] = 0.5,
+          roles: Annotated[str, typer.Option(help="Comma-separated roles of the Linear sites scored: ffn_out "
+                                                  "(ConceptPrune), or e.g. ffn_in, cross_attn_key, cross_attn_value.")]
+          = "ffn_out",
           out: Annotated[Path, typer.Option(help="Save the localization (JSON; the mask beside it).")]
           = Path("wanda.json"),
           overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
@@ -176,7 +179,8 @@ def wanda(model: ModelArg, prompts: PromptsOpt,
         _check_mask_outputs(out, overwrite)
         targets = read_prompts(prompts)
         bases = read_prompts(base) if base is not None else None
-        config = WandaConfig(mode=mode, skill_ratio=skill_ratio, calls=calls, sparsity=sparsity)
+        config = WandaConfig(mode=mode, skill_ratio=skill_ratio, calls=calls, sparsity=sparsity,
+                             roles=comma_list(roles) or ())
         loaded = load_model(model, device, dtype, family)
         result = _run_sharded(json_out, "wanda: column norms", lambda shard, advance: localize(
             loaded, "wanda", targets, config=config, holdout=bases, shard=shard, advance=advance))

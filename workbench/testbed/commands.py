@@ -194,6 +194,9 @@ def testbed_localize(model: ModelArg,
                               "(default: 10, 25 and 50 %).")] = None,
                      wanda_skill_ratio: Annotated[Optional[float], typer.Option(
                          help="ConceptPrune's per-row fraction (default: the method's, 0.01).")] = None,
+                     wanda_roles: Annotated[Optional[str], typer.Option(
+                         help="Comma-separated roles of the Linear sites Wanda scores, e.g. cross_attn_value "
+                              "(default: the method's, ffn_out).")] = None,
                      wanda_base: Annotated[str, typer.Option(
                          help="Wanda's base prompts: empty (\"\" per caption, ConceptPrune's memorization default) "
                               "or ordinary (held-out captions).")] = "empty",
@@ -223,13 +226,13 @@ def testbed_localize(model: ModelArg,
         holdout = check_holdout(description.get("holdout_prompts") if isinstance(description, dict) else None,
                                 report_config)
         fractions = _fractions(dose_fractions) if dose_fractions is not None else DOSE_FRACTIONS
+        overrides = {"wanda": (WandaConfig, {"skill_ratio": wanda_skill_ratio, "roles": comma_list(wanda_roles)}),
+                     "salun": (SalUnConfig, {"fraction": salun_fraction, "roles": comma_list(salun_roles)})}
         masks = {}
-        if wanda_skill_ratio is not None:
-            masks["wanda"] = WandaConfig(skill_ratio=wanda_skill_ratio)
-        salun = {name: value for name, value in (("fraction", salun_fraction), ("roles", comma_list(salun_roles)))
-                 if value is not None}
-        if salun:
-            masks["salun"] = SalUnConfig(**salun)
+        for method, (config_class, values) in overrides.items():
+            given = {name: value for name, value in values.items() if value is not None}
+            if given:
+                masks[method] = config_class(**given)
         chosen = comma_list(methods) or ()
         check_methods(chosen)
         loaded = load_model(model, "cpu", "float32", "auto")
