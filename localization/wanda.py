@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from localization.sharding import Shard, map_prompts
 from workbench.errors import WorkbenchError
-from workbench.models.model import Model
 from workbench.graph import parse_role
+from workbench.models.model import Model
 from workbench.models.sites import Role, Site
 from workbench.neurons import WeightMask
 from workbench.sampling import generate
@@ -113,7 +113,8 @@ def column_norms(model: Model, sums: dict[str, torch.Tensor], row_normalize: boo
 
 def prompt_square_sums(model: Model, prompt: str, config: WandaConfig) -> dict[str, torch.Tensor]:
     """One prompt's per-site (τ, d_in) sums of squared (row-normalised) inputs, from seed `config.seed`."""
-    sums = {s.path: torch.zeros(config.calls, s.in_features, device=model.device) for s in wanda_sites(model, config.roles)}
+    sums = {s.path: torch.zeros(config.calls, s.in_features, device=model.device)
+            for s in wanda_sites(model, config.roles)}
     with column_norms(model, sums, config.row_normalize):
         generate(model, [prompt], seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale)
     return sums

@@ -144,8 +144,8 @@ def test_cli_localize_wanda_json(tiny_folders, tmp_path):
     assert sum(data["per_site"].values()) == data["weights"]
     assert all(site.endswith("ff.net.2") for site in data["per_site"])
     result = CliRunner().invoke(app, ["localize", "wanda", str(tiny_folders["unet"]), "--prompts", str(prompts),
-                                      "--calls", "2", "--skill-ratio", "0.1", "--roles", "cross_attn_key,cross_attn_value",
-                                      "--out", str(tmp_path / "kv.json"), "--json"])
+                                      "--calls", "2", "--skill-ratio", "0.1", "--roles",
+                                      "cross_attn_key,cross_attn_value", "--out", str(tmp_path / "kv.json"), "--json"])
     assert result.exit_code == 0, result.output
     sites = json.loads(result.stdout)["per_site"]
     assert sites and all(site.endswith(("attn2.to_k", "attn2.to_v")) for site in sites)
