@@ -26,12 +26,10 @@ Default: the tiny test U-Net on CPU (under a minute on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import diffusers
@@ -44,6 +42,7 @@ from torch import nn
 
 import workbench
 from report import emit_json  # bench/report.py (scripts run from bench/ on sys.path)
+from sd15 import sd15_unet
 from workbench import intervene
 from workbench.models.adapter import adapter_for
 from workbench.models.loading import parse_device, parse_dtype
@@ -51,7 +50,6 @@ from workbench.models.sites import Site
 from workbench.neurons import NeuronSet
 from workbench.testing import tiny_pipeline
 
-SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15_unet.json"
 TEXT_TOKENS = 77  # CLIP context length, as SD pipelines pad prompts
 RECORD_SITES = 16
 ABLATED_NEURONS = 100
@@ -77,10 +75,7 @@ def tiny_model(device: torch.device, dtype: torch.dtype) -> workbench.Model:
 
 
 def sd15_model(device: torch.device, dtype: torch.dtype) -> workbench.Model:
-    config = json.loads(SD15_CONFIG.read_text())
-    with torch.device(device):  # initialise the 860 M random weights where they will run
-        unet = diffusers.UNet2DConditionModel.from_config(config)
-    unet = unet.to(dtype=dtype).eval()
+    unet = sd15_unet(device, dtype)
     return workbench.Model(DenoiserOnly(unet), adapter_for(unet))
 
 

@@ -13,6 +13,11 @@ that the initial and refined neuron sets are identical, then reports wall time a
 
 Default: the shipped testbed U-Net (checkpoints/unet) on its memorized verbatim captions.
     .venv/bin/python bench/nemo_speed.py [--model checkpoints/unet] [--prompts 4] [--device cuda]
+`--sd15`: an SD1.5-size U-Net and text encoder with random weights (bench/sd15.py), meant for a GPU:
+    .venv/bin/python bench/nemo_speed.py --sd15 --device cuda --dtype float16
+A random model memorizes nothing, so the prompts are the first testbed captions NeMo's detector flags
+(score above the threshold calibrated on the held-out ones): the search runs on them as on a memorized
+prompt. `--sample-size` shrinks the latent (64 = 512 px) for a CPU run.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from localization.nemo import (MemorizationScorer, NemoLocalizationConfig, holdo
                                nemo_sites, capture_outputs)
 from localization.nemo_search import candidates, refine, z_scores
 from report import emit_json  # bench/report.py (scripts run from bench/ on sys.path)
+from sd15 import sd15_pipeline
+from workbench.models.loading import parse_device, parse_dtype
 from workbench.neurons import NeuronSet
 from workbench.sampling import encode
 
@@ -86,50 +93,68 @@ def reference_localize(model, prompt, holdout, threshold, config):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "unet"))
-    parser.add_argument("--prompts", type=int, default=4, help="memorized verbatim captions to localize")
+    parser.add_argument("--sd15", action="store_true", help="SD1.5-size U-Net and text encoder, random weights")
+    parser.add_argument("--sample-size", type=int, default=None, help="latent side with --sd15 (default 64)")
+    parser.add_argument("--prompts", type=int, default=4, help="flagged captions to localize")
     parser.add_argument("--holdout", type=int, default=32, help="held-out captions for statistics and threshold")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     parser.add_argument("--json", dest="json_out", default=None, help="write results as JSON ('-' = stdout)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = workbench.load(args.model, device=args.device)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    model = sd15_pipeline(device, dtype, args.sample_size) if args.sd15 else workbench.load(args.model, device=device,
+                                                                                           dtype=dtype)
+    name = "SD1.5-size, random weights" if args.sd15 else args.model
     testbed = json.loads((ROOT / "checkpoints" / "testbed.json").read_text())
-    prompts = [m["caption"] for m in testbed["memorized"] if m["kind"] == "verbatim"][:args.prompts]
     holdout_prompts = testbed["holdout_prompts"][:args.holdout]
+    pool = [m["caption"] for m in testbed["memorized"] if m["kind"] == "verbatim"]
+    pool += testbed["holdout_prompts"][args.holdout:]
     config = NemoLocalizationConfig(batch=args.batch)
     holdout = holdout_statistics(model, holdout_prompts, config)
     threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout_prompts, config.detection)])
-    rows = []
-    for prompt in prompts:
+    def summary() -> dict:
+        return {"model": name, "device": str(device), "dtype": args.dtype, "threshold": threshold,
+                "batch": args.batch, "sample_size": model.denoiser.config.sample_size,
+                "forwards_ratio": sum(r["reference_forwards"] for r in rows) / max(1, sum(r["ours_forwards"]
+                                                                                      for r in rows)),
+                "time_ratio": sum(r["reference_s"] for r in rows) / max(1e-9, sum(r["ours_s"] for r in rows)),
+                "identical_neuron_sets": all(r["identical"] for r in rows), "prompts": rows}
+
+    rows: list[dict] = []
+    for prompt in pool:
+        if len(rows) == args.prompts:
+            break
         start = time.perf_counter()
         ours = localize_prompt(model, prompt, holdout, threshold, config)
         ours_s = time.perf_counter() - start
         if not ours.memorized:
-            rows.append({"prompt": prompt, "memorized": False})
             continue
         start = time.perf_counter()
         initial, refined, reference_forwards = reference_localize(model, prompt, holdout, threshold, config)
         reference_s = time.perf_counter() - start
-        if initial != ours.initial or refined != ours.refined:
-            sys.exit(f"neuron sets differ for {prompt!r}: the batched search must make the reference's decisions")
-        rows.append({"prompt": prompt, "memorized": True, "neurons": len(refined), "ours_forwards": ours.forwards,
-                     "reference_forwards": reference_forwards, "ours_s": ours_s, "reference_s": reference_s})
-    done = [r for r in rows if r["memorized"]]
-    summary = {"model": args.model, "device": args.device, "threshold": threshold, "batch": args.batch,
-               "forwards_ratio": sum(r["reference_forwards"] for r in done) / max(1, sum(r["ours_forwards"] for r in done)),
-               "time_ratio": sum(r["reference_s"] for r in done) / max(1e-9, sum(r["ours_s"] for r in done)),
-               "identical_neuron_sets": True, "prompts": rows}
-    table = Table(title=f"NeMo per prompt, {args.device} (identical neuron sets)")
-    for column in ("prompt", "neurons", "forwards ours", "forwards ref", "s ours", "s ref"):
+        rows.append({"prompt": prompt, "identical": initial == ours.initial and refined == ours.refined,
+                     "neurons": len(refined), "initial_neurons": len(initial),
+                     "ours_forwards": ours.forwards, "reference_forwards": reference_forwards,
+                     "ours_s": ours_s, "reference_s": reference_s})
+        if args.json_out not in (None, "-"):
+            emit_json(summary(), args.json_out)  # after every prompt: a run cut short keeps what it measured
+    if not rows:
+        sys.exit("NeMo flagged none of the testbed captions on this model: nothing to localize")
+    result = summary()
+    table = Table(title=f"NeMo per prompt, {name}, {device} {args.dtype}")
+    for column in ("prompt", "neurons", "identical sets", "forwards ours", "forwards ref", "s ours", "s ref"):
         table.add_column(column)
-    for r in done:
-        table.add_row(r["prompt"], str(r["neurons"]), str(r["ours_forwards"]), str(r["reference_forwards"]),
-                      f"{r['ours_s']:.2f}", f"{r['reference_s']:.2f}")
+    for r in rows:
+        table.add_row(r["prompt"], str(r["neurons"]), "yes" if r["identical"] else "NO", str(r["ours_forwards"]),
+                      str(r["reference_forwards"]), f"{r['ours_s']:.2f}", f"{r['reference_s']:.2f}")
     Console().print(table)
-    Console().print(f"reference / ours: {summary['forwards_ratio']:.1f}× denoiser forwards, "
-                    f"{summary['time_ratio']:.1f}× wall time")
-    emit_json(summary, args.json_out)
+    Console().print(f"reference / ours: {result['forwards_ratio']:.1f}× denoiser forwards, "
+                    f"{result['time_ratio']:.1f}× wall time")
+    emit_json(result, args.json_out)
+    if not result["identical_neuron_sets"]:
+        sys.exit("neuron sets differ: the batched search must make the reference's decisions")
 
 
 if __name__ == "__main__":
