@@ -8,13 +8,16 @@ shared/research/localization.md §1.4 and §1.7), re-implemented plainly here as
     (the reference runs the U-Net at timesteps[0], discards it and returns at the next step);
   * refinement scores one removal per call.
 workbench computes the activations once (one matmul where the value input is the text alone) and
-scores `batch` candidate sets per batched forward. Both make the same decisions: the script checks
-that the initial and refined neuron sets are identical, then reports wall time and denoiser forwards.
+scores `batch` candidate sets per batched forward. Both follow the same decision logic: the script
+reports, per prompt, whether the initial and refined neuron sets are identical (float ties can differ:
+a batched forward is not bit-identical to a single one), wall time and denoiser forwards, and exits
+non-zero if any set differs.
 
 Default: the shipped testbed U-Net (checkpoints/unet) on its memorized verbatim captions.
     .venv/bin/python bench/nemo_speed.py [--model checkpoints/unet] [--prompts 4] [--device cuda]
-`--sd15`: an SD1.5-size U-Net and text encoder with random weights (bench/sd15.py), meant for a GPU:
-    .venv/bin/python bench/nemo_speed.py --sd15 --device cuda --dtype float16
+`--sd15`: an SD1.5-size U-Net and text encoder with random weights (bench/sd15.py), meant for a GPU
+(float32 by default: half precision widens the float noise that decides ties; see bench/README.md):
+    .venv/bin/python bench/nemo_speed.py --sd15 --device cuda
 A random model memorizes nothing, so the prompts are the first testbed captions NeMo's detector flags
 (score above the threshold calibrated on the held-out ones): the search runs on them as on a memorized
 prompt. `--sample-size` shrinks the latent (64 = 512 px) for a CPU run.
@@ -114,6 +117,7 @@ def main() -> None:
     config = NemoLocalizationConfig(batch=args.batch)
     holdout = holdout_statistics(model, holdout_prompts, config)
     threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout_prompts, config.detection)])
+
     def summary() -> dict:
         return {"model": name, "device": str(device), "dtype": args.dtype, "threshold": threshold,
                 "batch": args.batch, "sample_size": model.denoiser.config.sample_size,
