@@ -88,7 +88,8 @@ def reference_localize(model, prompt, holdout, threshold, config):
         if value <= threshold:
             success = True
             break
-    refined, _ = refine(chosen, [s.path for s in sites], threshold if success else value, scorer, batch=1)
+    refined, _ = refine(chosen, [s.path for s in sites], threshold if success else value, scorer, batch=1,
+                        margin=config.tie_margin)
     scorer([refined])
     return chosen, refined, scorer.forwards + counter[0]
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="flagged captions to localize")
     parser.add_argument("--holdout", type=int, default=32, help="held-out captions for statistics and threshold")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tie-margin", type=float, default=0.0, help="NeMo's tie_margin for both searches")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     parser.add_argument("--json", dest="json_out", default=None, help="write results as JSON ('-' = stdout)")
@@ -114,13 +116,13 @@ def main() -> None:
     holdout_prompts = testbed["holdout_prompts"][:args.holdout]
     pool = [m["caption"] for m in testbed["memorized"] if m["kind"] == "verbatim"]
     pool += testbed["holdout_prompts"][args.holdout:]
-    config = NemoLocalizationConfig(batch=args.batch)
+    config = NemoLocalizationConfig(batch=args.batch, tie_margin=args.tie_margin)
     holdout = holdout_statistics(model, holdout_prompts, config)
     threshold = calibrate_threshold([s.score for s in nemo_scores(model, holdout_prompts, config.detection)])
 
     def summary() -> dict:
         return {"model": name, "device": str(device), "dtype": args.dtype, "threshold": threshold,
-                "batch": args.batch, "sample_size": model.denoiser.config.sample_size,
+                "batch": args.batch, "tie_margin": args.tie_margin, "sample_size": model.denoiser.config.sample_size,
                 "forwards_ratio": sum(r["reference_forwards"] for r in rows) / max(1, sum(r["ours_forwards"]
                                                                                       for r in rows)),
                 "time_ratio": sum(r["reference_s"] for r in rows) / max(1e-9, sum(r["ours_s"] for r in rows)),

@@ -76,6 +76,7 @@ class NemoLocalizationConfig:
     deactivation: str = "zero"  # "mean" (ours): a switched-off neuron takes its holdout mean, not 0
     batch: int = 8  # candidate neuron sets scored per batched forward
     rows_per_call: int = 128  # largest denoiser batch: `batch` sets × 10 seeds fit in one forward
+    tie_margin: float = 0.0  # ours: refinement drops a part only below threshold − margin (0 = the paper)
 
     def __post_init__(self) -> None:
         blocks = site_blocks(self.sites)
@@ -90,6 +91,8 @@ class NemoLocalizationConfig:
                                  f"use one of {', '.join(SEARCH_SCORES)}")
         if self.batch < 1 or self.rows_per_call < 1:
             raise WorkbenchError("batch and rows_per_call must be >= 1")
+        if not 0 <= self.tie_margin < 1:
+            raise WorkbenchError(f"tie_margin must be in [0, 1), not {self.tie_margin}")
         if self.deactivation not in DEACTIVATIONS:
             raise WorkbenchError(f"unknown NeMo deactivation {self.deactivation!r}; use {' or '.join(DEACTIVATIONS)}")
         if self.legacy:
@@ -317,7 +320,7 @@ def localize_prompt(model: Model, prompt: str, holdout: dict[str, RunningStats],
         if checked is not None:  # ... and with a check its image test, if the set passed it
             checked.gate = refine_threshold
             search = checked if checked.image_left(initial.neurons) else scorer
-    refined, _ = refine(initial.neurons, list(z), refine_threshold, search, config.batch)
+    refined, _ = refine(initial.neurons, list(z), refine_threshold, search, config.batch, config.tie_margin)
     if checked is None:
         initial_score, refined_score, image_ssim = initial.score, scorer([refined])[0], None
     else:  # the search read scores with the image offset; report the plain ones

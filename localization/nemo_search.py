@@ -113,8 +113,9 @@ def _next_live(blocked: NeuronSet, parts: Sequence[NeuronSet], start: int) -> tu
 
 
 def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: float, score: Scorer,
-                   batch: int = 8) -> tuple[NeuronSet, int]:
-    """In order, unblock each part if the score stays < threshold without it (it is then dropped for good).
+                   batch: int = 8, margin: float = 0.0) -> tuple[NeuronSet, int]:
+    """In order, unblock each part if the score stays < threshold − margin without it (it is then dropped
+    for good; `margin` 0 is the paper's rule, a small one settles float ties the same way at any batch).
 
     Speculative batching, with the sequential decisions: the upcoming decisions form a binary tree
     (drop or keep each next part, given the decisions before it); each call scores its `batch` most
@@ -129,7 +130,7 @@ def greedy_removal(blocked: NeuronSet, parts: Sequence[NeuronSet], threshold: fl
         paths = list(tree)
         values = score([tree[path][0] - tree[path][2] for path in paths])
         scored += len(paths)
-        dropped_at = {path: value < threshold for path, value in zip(paths, values)}
+        dropped_at = {path: value < threshold - margin for path, value in zip(paths, values)}
         path: tuple[bool, ...] = ()
         while path in tree:
             before, index, live = tree[path]
@@ -163,11 +164,11 @@ def _likely_tree(blocked: NeuronSet, start: tuple[int, NeuronSet], parts: Sequen
 
 
 def refine(blocked: NeuronSet, site_order: Sequence[str], threshold: float, score: Scorer,
-           batch: int = 8) -> tuple[NeuronSet, int]:
+           batch: int = 8, margin: float = 0.0) -> tuple[NeuronSet, int]:
     """Refinement: whole layers, then single neurons, each in reverse site order (mid → first down)."""
     reverse = [site for site in reversed(site_order) if site in blocked.sites]
     blocked, layer_calls = greedy_removal(blocked, [NeuronSet({s: blocked[s]}) for s in reverse], threshold,
-                                          score, batch)
+                                          score, batch, margin)
     singles = [NeuronSet({s: [i]}) for s in reversed(site_order) if s in blocked.sites for i in blocked[s]]
-    blocked, neuron_calls = greedy_removal(blocked, singles, threshold, score, batch)
+    blocked, neuron_calls = greedy_removal(blocked, singles, threshold, score, batch, margin)
     return blocked, layer_calls + neuron_calls

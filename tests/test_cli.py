@@ -114,6 +114,8 @@ def test_existing_output_is_never_overwritten(tiny_folders, tmp_path):
     (["localize", "nemo", "{unet}", "--prompts", "{tmp}/prompts.txt", "--holdout", "{tmp}/prompts.txt",
       "--threshold", "1.5"], "outside (-1, 1)"),
     (["localize", "nemo", "{unet}", "--prompts", "{tmp}/prompts.txt", "--holdout", "{tmp}/prompts.txt",
+      "--tie-margin", "-1"], "tie_margin must be in"),
+    (["localize", "nemo", "{unet}", "--prompts", "{tmp}/prompts.txt", "--holdout", "{tmp}/prompts.txt",
       "--out", "{tmp}/a.json", "--graph", "{tmp}/a.json"], "same file"),
     (["localize", "wanda", "{unet}", "--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/taken.json"],
      "taken.mask.safetensors already exists"),

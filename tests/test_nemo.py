@@ -123,6 +123,24 @@ def test_speculation_learns_alternating_decisions():
     assert len(sequential_log[1]) == 24
 
 
+def test_tie_margin_keeps_a_part_whose_removal_stays_within_it():
+    """Fallback ties: removing a0 lowers the score by 2e-7 (float noise), a1 by 1e-3, a2 raises it."""
+    effect = {0: -2e-7, 1: -1e-3, 2: +1e-2}
+    threshold = 0.9
+
+    def score(sets):
+        return [threshold + sum(d for i, d in effect.items() if i not in s["a"]) for s in sets]
+
+    parts = [NeuronSet({"a": [i]}) for i in range(3)]
+    paper, _ = greedy_removal(NeuronSet({"a": [0, 1, 2]}), parts, threshold, score, batch=1)
+    assert paper == NeuronSet({"a": [2]})  # strict <: the 2e-7 tie is dropped too
+    for batch in (1, 4):
+        margin, _ = greedy_removal(NeuronSet({"a": [0, 1, 2]}), parts, threshold, score, batch=batch, margin=1e-5)
+        assert margin == NeuronSet({"a": [0, 2]})  # 0.9 - 2e-7 is not below 0.9 - 1e-5: a0 stays
+    with pytest.raises(WorkbenchError, match="tie_margin"):
+        NemoLocalizationConfig(tie_margin=-1e-5)
+
+
 def test_greedy_removal_skips_parts_already_gone():
     score, log = _needs([])
     remaining, scored = greedy_removal(NeuronSet({"a": [0]}), [NeuronSet({"a": [0]}), NeuronSet({"a": [0]})],

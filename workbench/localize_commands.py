@@ -82,6 +82,9 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
          deactivation: Annotated[str, typer.Option(
              help="How a neuron is switched off: zero (the paper) or mean (its holdout mean; our option).")]
          = "zero",
+         tie_margin: Annotated[float, typer.Option(
+             help="Refinement drops a part only below the threshold minus this (0 = the paper; 1e-5 settles "
+                  "float ties the same way at any batch size; our option).")] = 0.0,
          out: OutOpt = None, graph: Annotated[Optional[Path], typer.Option(
              help="Save the neuron graph with the found neurons marked (attribute nemo_prompts).")] = None,
          overwrite: OverwriteOpt = False, json_out: JsonOpt = False, device: DeviceOpt = "cpu",
@@ -113,7 +116,7 @@ def nemo(model: ModelArg, prompts: PromptsOpt,
         targets, calibration = read_prompts(prompts), read_prompts(holdout)
         check = None if image_check is None else ImageCheck(image_check, image_seeds, steps=image_steps)
         config = NemoLocalizationConfig(sites=sites, legacy=legacy, search_score=search_score, image_check=check,
-                                        deactivation=deactivation)
+                                        deactivation=deactivation, tie_margin=tie_margin)
         config = replace(config, detection=replace(config.detection, n_seeds=seeds))
         loaded = load_model(model, device, dtype, family)
         shard = current_shard()  # under `accelerate launch`, prompts are split over the processes
