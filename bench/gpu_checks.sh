@@ -11,4 +11,4 @@ cd bench
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 120 python3 intervention_overhead.py --sd15 --device cuda --dtype float16 --batches 2 20 --reps 50 \
     --json "$out/overhead_sd15.json"
-timeout 420 python3 nemo_speed.py --sd15 --device cuda --prompts 2 --json "$out/nemo_speed_sd15.json"
+timeout 420 python3 nemo_speed.py --sd15 --device cuda --prompts 2 --tie-margin 1e-5 --json "$out/nemo_speed_sd15.json"
