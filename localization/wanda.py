@@ -39,6 +39,9 @@ from workbench.neurons import WeightMask
 from workbench.sampling import generate
 
 
+FFN_OUT_ONLY = (Role.FFN_OUT.value,)  # ConceptPrune's sites: the inputs of every `ff.net.2`
+
+
 @dataclass(frozen=True)
 class WandaConfig:
     """ConceptPrune / Wanda settings; defaults are ConceptPrune's for memorization."""
@@ -52,7 +55,7 @@ class WandaConfig:
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
-    roles: tuple[str, ...] = (Role.FFN_OUT.value,)  # the Linear sites whose inputs are scored (hook_module)
+    roles: tuple[str, ...] = FFN_OUT_ONLY  # the Linear sites whose inputs are scored (hook_module)
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -67,7 +70,7 @@ class WandaConfig:
             raise WorkbenchError(f"calls must be in 1..steps ({self.steps}) and select_ratio in [0, 1)")
 
 
-def wanda_sites(model: Model, roles: Sequence[str] = (Role.FFN_OUT.value,)) -> list[Site]:
+def wanda_sites(model: Model, roles: Sequence[str] = FFN_OUT_ONLY) -> list[Site]:
     """The Linear sites of `roles` (default the FFN output projections, `ff.net.2`) whose inputs Wanda scores."""
     sites = [s for s in model.graph.select(roles=list(roles)) if s.kind == "linear"]
     if not sites:
